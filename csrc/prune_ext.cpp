@@ -1,0 +1,38 @@
+// Operator schemas (defined once, for every backend) and the Python module stub.
+// Kernels: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA, when built with CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import prune_ext._C` runs the static TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef PRUNE_EXT_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+}
+
+TORCH_LIBRARY(prune_ext, m) {
+  // In place on `delta`. Returns (sigma_before, sigma_after, stats): the restrained singular values
+  // before and after F (float64, length k) and the float64 stats vector described in restrain.h.
+  // fn: 0 = log (param = α), 1 = linear (param = β). rank > 0 fixes the sketch size (no growth).
+  m.def(
+      "restrain_(Tensor(a!) delta, float threshold, int fn, float param, int rank, int oversample, "
+      "int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
+  // The same for a list of matrices; stats is (L, 8). Equal shapes may be batched by a backend.
+  m.def(
+      "restrain_many_(Tensor(a!)[] deltas, float[] thresholds, int fn, float param, int rank, "
+      "int oversample, int power_iters, int seed) -> (Tensor[], Tensor[], Tensor)");
+  // Elementwise F on singular values (values at or below the threshold pass through).
+  m.def("restrain_values(Tensor sigma, float threshold, int fn, float param) -> Tensor");
+  // Exact thin SVD of left @ right.T from its factors in O((m + n) r^2): returns (U, S, V).
+  m.def("factored_svd(Tensor left, Tensor right) -> (Tensor, Tensor, Tensor)");
+  // σmax by Golub–Kahan–Lanczos; returns float64 [sigma, residual bound, iterations, converged].
+  m.def("spectral_norm(Tensor W, float rtol, int max_iters, int seed) -> Tensor");
+}

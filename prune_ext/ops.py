@@ -1,0 +1,90 @@
+"""Typed wrappers over the compiled operators, and their fake kernels for torch.compile / opcheck.
+
+Argument checking and defaults live one level up, in :mod:`prune_ext.restraint`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the operators)
+
+WITH_CUDA: bool = bool(_C.WITH_CUDA)
+NUM_STATS = 8  # length of the stats vector, see csrc/restrain.h
+
+_ops = torch.ops.prune_ext
+
+
+def restrain_(
+    delta: torch.Tensor, threshold: float, fn: int, param: float, rank: int, oversample: int, power_iters: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place on ``delta``; returns (sigma_before, sigma_after, stats), all float64."""
+    return _ops.restrain_.default(delta, threshold, fn, param, rank, oversample, power_iters, seed)
+
+
+def restrain_many_(
+    deltas: list[torch.Tensor], thresholds: list[float], fn: int, param: float, rank: int, oversample: int,
+    power_iters: int, seed: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """In place on every matrix; returns per-matrix sigma_before / sigma_after and (L, 8) stats."""
+    return _ops.restrain_many_.default(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)
+
+
+def restrain_values(sigma: torch.Tensor, threshold: float, fn: int, param: float) -> torch.Tensor:
+    """F applied elementwise (values at or below the threshold pass through)."""
+    return _ops.restrain_values.default(sigma, threshold, fn, param)
+
+
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, S, V) of ``left @ right.T`` from its factors."""
+    return _ops.factored_svd.default(left, right)
+
+
+def spectral_norm(W: torch.Tensor, rtol: float, max_iters: int, seed: int) -> torch.Tensor:
+    """float64 [sigma, residual bound, iterations, converged]."""
+    return _ops.spectral_norm.default(W, rtol, max_iters, seed)
+
+
+def _stats_like(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    return t.new_empty(shape, dtype=torch.float64)
+
+
+@torch.library.register_fake("prune_ext::restrain_")
+def _(delta, threshold, fn, param, rank, oversample, power_iters, seed):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return _stats_like(delta, k), _stats_like(delta, k), _stats_like(delta, NUM_STATS)
+
+
+@torch.library.register_fake("prune_ext::restrain_many_")
+def _(deltas, thresholds, fn, param, rank, oversample, power_iters, seed):
+    ctx = torch.library.get_ctx()
+    ks = [ctx.new_dynamic_size() for _ in deltas]
+    before = [_stats_like(d, k) for d, k in zip(deltas, ks)]
+    after = [_stats_like(d, k) for d, k in zip(deltas, ks)]
+    device = deltas[0].device if deltas else "cpu"
+    return before, after, torch.empty(len(deltas), NUM_STATS, dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("prune_ext::restrain_values")
+def _(sigma, threshold, fn, param):
+    return torch.empty_like(sigma)
+
+
+@torch.library.register_fake("prune_ext::factored_svd")
+def _(left, right):
+    dtype = torch.promote_types(
+        torch.float64 if left.dtype == torch.float64 else torch.float32,
+        torch.float64 if right.dtype == torch.float64 else torch.float32,
+    )
+    q = min(left.shape[0], right.shape[0], left.shape[1])
+    return (
+        left.new_empty(left.shape[0], q, dtype=dtype),
+        left.new_empty(q, dtype=dtype),
+        left.new_empty(right.shape[0], q, dtype=dtype),
+    )
+
+
+@torch.library.register_fake("prune_ext::spectral_norm")
+def _(W, rtol, max_iters, seed):
+    return _stats_like(W, 4)
