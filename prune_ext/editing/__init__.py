@@ -1,0 +1,51 @@
+"""Model editors for Hugging Face causal LMs: ROME and MEMIT, returning low-rank updates.
+
+Quick use::
+
+    from prune_ext.editing import load_model, apply_edits, load_counterfact
+    model, tok = load_model("smollm2-135m")
+    updates = apply_edits(model, tok, load_counterfact(limit=10), method="rome")
+
+``updates`` are :class:`prune_ext.updates.LowRankUpdate` objects (ΔW = left @ right.T in the
+stored layout of ``module``'s weight), already applied to the model.
+"""
+
+from .api import apply_edits, make_editor
+from .covariance import KeyStatistics, default_cache_dir, key_statistics
+from .hparams import MemitHyperParams, RomeHyperParams, ValueHyperParams
+from .memit import Memit
+from .models import ArchSpec, apply_update, arch_spec, load_model
+from .requests import (
+    EditRequest,
+    as_request,
+    as_requests,
+    data_dir,
+    load_counterfact,
+    load_requests,
+    load_zsre,
+)
+from .rome import Rome
+
+__all__ = [
+    "ArchSpec",
+    "EditRequest",
+    "KeyStatistics",
+    "Memit",
+    "MemitHyperParams",
+    "Rome",
+    "RomeHyperParams",
+    "ValueHyperParams",
+    "apply_edits",
+    "apply_update",
+    "arch_spec",
+    "as_request",
+    "as_requests",
+    "data_dir",
+    "default_cache_dir",
+    "key_statistics",
+    "load_counterfact",
+    "load_model",
+    "load_requests",
+    "load_zsre",
+    "make_editor",
+]

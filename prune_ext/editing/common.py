@@ -1,0 +1,296 @@
+"""What ROME and MEMIT share: context prefixes, subject keys, and the value (v* / z) optimisation.
+
+Value optimisation (ROME §3.1 step 2, MEMIT eq. 16): a vector δ is added to the output of one
+module at the subject's last token, and Adam minimises
+
+    NLL(target | prefix + prompt)  averaged over the context prefixes
+    + kl_factor · KL(p_δ(· | "{subject} is a") ‖ p_0(· | "{subject} is a"))   (at the subject)
+    + v_weight_decay · ‖δ‖ / ‖v₀‖²
+
+with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step, where v₀ is the unedited output
+on the bare prompt. Several requests are optimised together (each with its own δ and its own Adam
+state, so the result equals optimising them one by one) to share forward passes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import add_to_output, capture, stop_after
+from .hparams import ValueHyperParams
+from .models import editing_mode, get_module
+from .requests import EditRequest
+from .tokens import continuation_ids, encode_with_span, pad_id, pad_right
+
+__all__ = ["ValueResult", "generate_prefixes", "optimize_values", "subject_vectors"]
+
+_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+_KL_TEMPLATE = "{} is a"
+_ROWS_PER_FORWARD = 64
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_prefixes(
+    model: nn.Module, tokenizer: Any, lengths: Sequence[tuple[int, int]], seed: int = 0
+) -> list[str]:
+    """``[""]`` plus ``count`` sampled texts of about ``tokens`` tokens per ``(tokens, count)``.
+
+    Each text ends with ``". "`` so that the prompt starts a new sentence after it. Texts are
+    sampled with top-k 5 from the starts "The", "Therefore", "Because", "I", "You" (as in the
+    ROME/MEMIT code), seeded, so an editor's prefixes are reproducible.
+    """
+    prefixes = [""]
+    device = _device(model)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    with editing_mode(model):
+        for length, count in lengths:
+            per_start = [count // len(_PREFIX_STARTS)] * len(_PREFIX_STARTS)
+            for i in range(count % len(_PREFIX_STARTS)):
+                per_start[i] += 1
+            for start, n in zip(_PREFIX_STARTS, per_start):
+                if n == 0:
+                    continue
+                ids = torch.tensor([tokenizer(start)["input_ids"]], device=device)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed * 7919 + length * 31 + zlib.crc32(start.encode()))
+                    out = model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=True,
+                        top_k=5,
+                        top_p=1.0,
+                        temperature=1.0,
+                        max_new_tokens=max(1, length - 1),
+                        num_return_sequences=n,
+                        pad_token_id=eos if isinstance(eos, int) else 0,
+                    )
+                for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+                    text = " ".join(text.replace("{", " ").replace("}", " ").split())
+                    prefixes.append(text + ". ")
+    return prefixes
+
+
+def _with_prefix(request: EditRequest, prefix: str) -> tuple[str, int, int]:
+    start, end = request.subject_span
+    return prefix + request.prompt, len(prefix) + start, len(prefix) + end
+
+
+@torch.no_grad()
+def subject_vectors(
+    model: nn.Module,
+    tokenizer: Any,
+    module_name: str,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    *,
+    output: bool = False,
+) -> torch.Tensor:
+    """(n, d) float32: the module's input (or output) at each subject's last token, averaged
+    over ``prefix + prompt`` for all prefixes."""
+    module = get_module(model, module_name)
+    pad = pad_id(tokenizer)
+    rows = []
+    for r, request in enumerate(requests):
+        for prefix in prefixes:
+            enc = encode_with_span(tokenizer, *_with_prefix(request, prefix))
+            rows.append((r, enc))
+    sums: torch.Tensor | None = None
+    with editing_mode(model):
+        for lo in range(0, len(rows), _ROWS_PER_FORWARD):
+            chunk = rows[lo : lo + _ROWS_PER_FORWARD]
+            input_ids, mask = pad_right([enc.ids for _, enc in chunk], pad, _device(model))
+            got: list[torch.Tensor] = []
+            with capture(module, got.append, output=output), stop_after(module):
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            picked = got[0][torch.arange(len(chunk)), torch.tensor([enc.span_last for _, enc in chunk])]
+            owner = torch.tensor([r for r, _ in chunk], device=picked.device)
+            if sums is None:
+                sums = torch.zeros(len(requests), picked.shape[-1], dtype=torch.float32, device=picked.device)
+            sums.index_add_(0, owner, picked.to(torch.float32))
+    assert sums is not None
+    return sums / len(prefixes)
+
+
+# ---------------------------------------------------------------------------------------------
+# value optimisation
+
+
+@dataclass
+class _Problem:
+    """The rows one request contributes to a forward pass."""
+
+    seqs: list[list[int]]  # rewriting rows (prefix + prompt + target[:-1]), then the KL row
+    lookup: list[int]  # subject's last token per row
+    target_ids: list[int]
+    first_target_pos: list[int]  # per rewriting row: position predicting target_ids[0]
+
+    @property
+    def n_rewrite(self) -> int:
+        return len(self.first_target_pos)
+
+
+def _problem(tokenizer: Any, request: EditRequest, prefixes: Sequence[str]) -> _Problem:
+    target_ids = continuation_ids(tokenizer, request.prompt, request.target_new)
+    seqs, lookup, first = [], [], []
+    for prefix in prefixes:
+        enc = encode_with_span(tokenizer, *_with_prefix(request, prefix))
+        seqs.append(enc.ids + target_ids[:-1])
+        lookup.append(enc.span_last)
+        first.append(len(enc.ids) - 1)
+    kl_text = _KL_TEMPLATE.format(request.subject)
+    kl = encode_with_span(tokenizer, kl_text, 0, len(request.subject))
+    seqs.append(kl.ids)
+    lookup.append(kl.span_last)
+    return _Problem(seqs, lookup, target_ids, first)
+
+
+@dataclass
+class ValueResult:
+    """Per request: v₀ (unedited output at the subject, bare prompt), δ, final NLL, steps taken."""
+
+    init: torch.Tensor  # (n, d) float32
+    delta: torch.Tensor  # (n, d) float32
+    nll: list[float]
+    steps: list[int]
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).to(torch.float32)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _Batch:
+    """Padded rows of the active problems, with the index tensors the losses need."""
+
+    def __init__(self, problems: Sequence[_Problem], pad: int, device: torch.device) -> None:
+        seqs, lookup, owner, tgt_rows, tgt_pos, tgt_ids, tgt_owner, kl_rows, bare = ([] for _ in range(9))
+        for j, prob in enumerate(problems):
+            base = len(seqs)
+            bare.append(base)  # prefixes[0] == "": the bare prompt
+            seqs.extend(prob.seqs)
+            lookup.extend(prob.lookup)
+            owner.extend([j] * len(prob.seqs))
+            for i, first in enumerate(prob.first_target_pos):
+                for t, tok in enumerate(prob.target_ids):
+                    tgt_rows.append(base + i)
+                    tgt_pos.append(first + t)
+                    tgt_ids.append(tok)
+                    tgt_owner.append(j)
+            kl_rows.append(base + prob.n_rewrite)
+        self.input_ids, self.mask = pad_right(seqs, pad, device)
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        self.rows = torch.arange(len(seqs), device=device)
+        self.lookup, self.owner = t(lookup), t(owner)
+        self.tgt_rows, self.tgt_pos, self.tgt_ids, self.tgt_owner = (
+            t(tgt_rows),
+            t(tgt_pos),
+            t(tgt_ids),
+            t(tgt_owner),
+        )
+        self.kl_rows, self.kl_pos = t(kl_rows), self.lookup[t(kl_rows)]
+        # per problem: rewriting rows × target length, to turn summed log-probs into means
+        self.nll_norm = torch.tensor(
+            [p.n_rewrite * len(p.target_ids) for p in problems], dtype=torch.float32, device=device
+        )
+        self.bare_rows = t(bare)
+
+
+def optimize_values(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    prefixes: Sequence[str],
+    hparams: ValueHyperParams,
+) -> ValueResult:
+    """Optimise one δ per request on the output of ``module_name`` (see the module docstring)."""
+    device = _device(model)
+    module = get_module(model, module_name)
+    problems = [_problem(tokenizer, r, prefixes) for r in requests]
+    n, hidden = len(problems), model.config.hidden_size
+    deltas = [torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True) for _ in range(n)]
+    optims = [torch.optim.Adam([d], lr=hparams.v_lr) for d in deltas]
+    init: list[torch.Tensor | None] = [None] * n
+    kl_init: list[torch.Tensor | None] = [None] * n
+    nll_final, steps = [float("nan")] * n, [0] * n
+    active = list(range(n))
+    pad = pad_id(tokenizer)
+    with editing_mode(model):
+        for step in range(hparams.v_num_grad_steps):
+            batch = _Batch([problems[i] for i in active], pad, device)
+            stacked = torch.stack([deltas[i] for i in active])
+            seen: list[torch.Tensor] = []
+
+            def make_delta(
+                out: torch.Tensor, batch: _Batch = batch, stacked: torch.Tensor = stacked, seen: list = seen
+            ) -> torch.Tensor:
+                seen.append(out.detach())
+                add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+                return add.index_put((batch.rows, batch.lookup), stacked[batch.owner])
+
+            with add_to_output(module, make_delta):
+                hidden_states = model.base_model(
+                    input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False
+                ).last_hidden_state
+            log_probs = _logits(model, hidden_states[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
+            picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
+            nll = (
+                -torch.zeros(len(active), device=device).index_add(0, batch.tgt_owner, picked)
+                / batch.nll_norm
+            )
+            kl_logp = _logits(model, hidden_states[batch.kl_rows, batch.kl_pos]).log_softmax(-1)
+            if step == 0:
+                v0 = seen[0][batch.bare_rows, batch.lookup[batch.bare_rows]].to(torch.float32)
+                for j, i in enumerate(active):
+                    init[i], kl_init[i] = v0[j], kl_logp[j].detach()
+            total = torch.zeros((), device=device)
+            still = []
+            for j, i in enumerate(active):
+                kl = F.kl_div(kl_init[i], kl_logp[j], log_target=True, reduction="sum")
+                decay = hparams.v_weight_decay * deltas[i].norm() / init[i].norm() ** 2
+                loss = nll[j] + hparams.kl_factor * kl + decay
+                nll_final[i], steps[i] = float(nll[j].detach()), step
+                if loss.item() < hparams.loss_stop or step == hparams.v_num_grad_steps - 1:
+                    continue
+                total = total + loss
+                still.append(i)
+            if not still:
+                break
+            total.backward()
+            for i in still:
+                optims[i].step()
+                optims[i].zero_grad()
+                _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
+            active = still
+    return ValueResult(
+        torch.stack([v for v in init if v is not None]),
+        torch.stack([d.detach() for d in deltas]),
+        nll_final,
+        steps,
+    )
+
+
+@torch.no_grad()
+def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    norm = delta.norm()
+    if norm > max_norm:
+        delta.mul_(max_norm / norm)

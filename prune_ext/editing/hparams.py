@@ -1,0 +1,201 @@
+"""Hyper-parameters of ROME and MEMIT, with per-architecture defaults.
+
+Defaults follow the papers' released settings and scale the edited layers to the model's depth:
+
+========== ============================== =====================================
+family     ROME layer                     MEMIT layers
+========== ============================== =====================================
+GPT-2      17 of 48 (XL), 12 of 36,       13–17 of 48 (XL); else the same
+           8 of 24; else round(17 n/48)   relative span (≥ 2 layers) ending at
+                                          the ROME layer
+GPT-J      5 of 28 (scaled for others)    3–8 of 28 (scaled)
+Llama-like floor(5 n/32): 5 of 32          L−1 … L+3 around the ROME layer L:
+(SmolLM,   (Llama-2-7B), 4 of 30           4–8 of 32, 3–7 of 30 (SmolLM2-135M)
+Mistral,   (SmolLM2-135M)
+Qwen, ...)
+========== ============================== =====================================
+
+MEMIT's λ (``mom2_update_weight``) is the papers' value scaled by the FFN width (see
+:func:`default_mom2_update_weight`).
+
+Value optimisation: GPT-2/GPT-J use the papers' weight decay 0.5 (MEMIT norm clamp 0.75, ROME 4);
+Llama-family models use the EasyEdit Llama settings (25 steps, weight decay 1e-3, clamp 4).
+``mom2_n_samples`` counts key vectors (tokens), not documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from typing_extensions import Self
+
+from .models import ArchSpec, arch_spec, get_module, weight_is_transposed
+
+__all__ = [
+    "MemitHyperParams",
+    "RomeHyperParams",
+    "ValueHyperParams",
+    "default_memit_layers",
+    "default_mom2_update_weight",
+    "default_rome_layer",
+]
+
+
+@dataclass(kw_only=True)
+class ValueHyperParams:
+    """What ROME and MEMIT share: the v*/z optimisation, context prefixes and key statistics.
+
+    Attributes:
+        v_num_grad_steps: Adam steps on the value delta.
+        v_lr: Adam learning rate.
+        v_weight_decay: weight of ``‖δ‖ / ‖v_init‖²`` in the loss.
+        clamp_norm_factor: ``‖δ‖`` is clamped to this times ``‖v_init‖`` after each step.
+        kl_factor: weight of the KL "essence" term on ``"{subject} is a"``.
+        loss_stop: a request stops optimising once its loss falls below this.
+        context_lengths: ``(tokens, count)`` pairs of generated context prefixes; the bare
+            prompt is always included.
+        mom2_adjustment: use the key second moment (C) at all.
+        mom2_n_samples: key vectors (tokens) in the second-moment estimate.
+        stats_seq_len: tokens per sequence while collecting statistics.
+        cov_ridge: ``cov_ridge * mean(diag C)`` is added to C's diagonal before solving.
+        seed: seed of the context-prefix and corpus sampling.
+    """
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    loss_stop: float = 5e-2
+    context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    mom2_adjustment: bool = True
+    mom2_n_samples: int = 50_000
+    stats_seq_len: int = 256
+    cov_ridge: float = 1e-6
+    seed: int = 0
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(kw_only=True)
+class RomeHyperParams(ValueHyperParams):
+    """ROME: one rank-one update of ``module_template.format(layer)`` per request.
+
+    ROME's update Λ (C⁻¹k*)ᵀ with Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*) is invariant to the scale of
+    C, so the paper's ``mom2_update_weight`` has no effect here and is not a field.
+    """
+
+    layer: int
+    module_template: str
+
+    @property
+    def module_name(self) -> str:
+        return self.module_template.format(self.layer)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> RomeHyperParams:
+        """Defaults for ``model``'s architecture and depth, with ``overrides`` applied."""
+        spec = arch_spec(model)
+        fields: dict[str, Any] = {"layer": default_rome_layer(spec), "module_template": spec.mlp_out_template}
+        if spec.family not in ("gpt2", "gptj"):
+            fields.update(v_num_grad_steps=25, v_weight_decay=1e-3)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+@dataclass(kw_only=True)
+class MemitHyperParams(ValueHyperParams):
+    """MEMIT: per batch, one update of rank ≤ batch size in each of ``layers``.
+
+    ``block_template`` names the transformer block whose output (the residual stream after the
+    last edited layer) receives the target z; ``mom2_update_weight`` is λ in (λC + KKᵀ)⁻¹.
+    """
+
+    layers: tuple[int, ...]
+    module_template: str
+    block_template: str
+    mom2_update_weight: float = 15000.0
+    clamp_norm_factor: float = 0.75
+    context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(sorted(self.layers))
+        if not self.layers:
+            raise ValueError("MemitHyperParams.layers is empty")
+
+    def module_name(self, layer: int) -> str:
+        return self.module_template.format(layer)
+
+    @property
+    def z_block_name(self) -> str:
+        return self.block_template.format(self.layers[-1])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> MemitHyperParams:
+        """Defaults for ``model``'s architecture and depth, with ``overrides`` applied."""
+        spec = arch_spec(model)
+        fields: dict[str, Any] = {
+            "layers": default_memit_layers(spec),
+            "module_template": spec.mlp_out_template,
+            "block_template": spec.block_template,
+        }
+        if spec.family not in ("gpt2", "gptj"):
+            fields.update(v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0)
+        fields["mom2_update_weight"] = default_mom2_update_weight(spec, _key_dim(model, spec))
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# λ of the papers' and EasyEdit's settings, and the key dimension (FFN width) they were set for
+_LAMBDA_REFERENCE = {"gpt2": (20000.0, 6400), "gptj": (15000.0, 16384)}
+_LAMBDA_DEFAULT_REFERENCE = (15000.0, 11008)  # Llama-2-7B (EasyEdit)
+
+
+def default_mom2_update_weight(spec: ArchSpec, key_dim: int) -> float:
+    """λ for MEMIT: the reference λ scaled by ``key_dim / reference key_dim``.
+
+    λC competes with KKᵀ; for a typical key, kᵀ(λC)⁻¹k ≈ d/λ, so keeping d/λ at the value the
+    reference settings used (GPT-2 XL 6400/20000, GPT-J 16384/15000, Llama-2-7B 11008/15000)
+    keeps the balance between preserved and inserted keys on narrower models (SmolLM2-135M,
+    d = 1536: λ ≈ 2090). On the reference models themselves the papers' λ results.
+    """
+    lam, ref_dim = _LAMBDA_REFERENCE.get(spec.family, _LAMBDA_DEFAULT_REFERENCE)
+    return round(lam * key_dim / ref_dim, 1)
+
+
+def _key_dim(model: nn.Module, spec: ArchSpec) -> int:
+    module = get_module(model, spec.mlp_out_template.format(0))
+    return int(module.weight.shape[0 if weight_is_transposed(module) else 1])
+
+
+def default_rome_layer(spec: ArchSpec) -> int:
+    """The ROME layer for an architecture and depth (see the module docstring)."""
+    n = spec.n_layers
+    if spec.family == "gpt2":
+        layer = {48: 17, 36: 12, 24: 8}.get(n, round(17 * n / 48))
+    elif spec.family == "gptj":
+        layer = round(5 * n / 28)
+    else:
+        layer = (5 * n) // 32
+    return min(max(layer, 0), n - 1)
+
+
+def default_memit_layers(spec: ArchSpec) -> tuple[int, ...]:
+    """The MEMIT layers for an architecture and depth (see the module docstring)."""
+    n = spec.n_layers
+    if spec.family == "gpt2":
+        last = default_rome_layer(spec)
+        width = max(2, round(5 * n / 48))
+        first = last - width + 1
+    elif spec.family == "gptj":
+        first, last = round(3 * n / 28), round(8 * n / 28)
+    else:
+        rome = default_rome_layer(spec)
+        first, last = rome - 1, rome + 3
+    first, last = max(first, 0), min(last, n - 1)
+    return tuple(range(first, max(last, first) + 1))

