@@ -25,14 +25,20 @@ TORCH_LIBRARY(prune_ext, m) {
   m.def(
       "restrain_(Tensor(a!) delta, float threshold, int fn, float param, int rank, int oversample, "
       "int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
-  // The same for a list of matrices; stats is (L, 8). Equal shapes may be batched by a backend.
+  // The same for a list of matrices: sigma_before / sigma_after are (L, kmax) zero-padded rows, stats is
+  // (L, 8). (Tensor-list outputs beside a mutated tensor list cannot be functionalised, hence padding.)
   m.def(
       "restrain_many_(Tensor(a!)[] deltas, float[] thresholds, int fn, float param, int rank, "
-      "int oversample, int power_iters, int seed) -> (Tensor[], Tensor[], Tensor)");
+      "int oversample, int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
   // Elementwise F on singular values (values at or below the threshold pass through).
   m.def("restrain_values(Tensor sigma, float threshold, int fn, float param) -> Tensor");
   // Exact thin SVD of left @ right.T from its factors in O((m + n) r^2): returns (U, S, V).
   m.def("factored_svd(Tensor left, Tensor right) -> (Tensor, Tensor, Tensor)");
   // σmax by Golub–Kahan–Lanczos; returns float64 [sigma, residual bound, iterations, converged].
   m.def("spectral_norm(Tensor W, float rtol, int max_iters, int seed) -> Tensor");
+  // CUDA only: restrain_ with the top triplets from cuSOLVER's randomized SVD (cusolverDnXgesvdr) instead
+  // of the certified range finder; same outputs, stats method 4, never certified. rank > 0 fixes k.
+  m.def(
+      "restrain_gesvdr_(Tensor(a!) delta, float threshold, int fn, float param, int rank, int oversample, "
+      "int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
 }

@@ -290,9 +290,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
   return pack(out, delta.device());
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, Tensor> restrain_many_(
-    at::TensorList deltas, at::ArrayRef<double> thresholds, int64_t fn, double param, int64_t rank,
-    int64_t oversample, int64_t power_iters, int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::ArrayRef<double> thresholds,
+                                                  int64_t fn, double param, int64_t rank, int64_t oversample,
+                                                  int64_t power_iters, int64_t seed) {
   TORCH_CHECK_VALUE(deltas.size() == thresholds.size(), "prune_ext: got ", deltas.size(), " matrices but ",
                     thresholds.size(), " thresholds");
   // Validate everything first, so that a bad argument leaves every matrix untouched.
@@ -300,17 +300,27 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, Tensor> restrain_many_(
     check_matrix(deltas[i], "every delta");
     check_restraint_args(thresholds[i], fn, param);
   }
+  const at::Device device = deltas.empty() ? at::Device(at::kCPU) : deltas[0].device();
   std::vector<Tensor> before, after, stats;
+  int64_t kmax = 0;
   for (size_t i = 0; i < deltas.size(); ++i) {
     Tensor d = deltas[i];
     auto [b, a, s] = restrain_(d, thresholds[i], fn, param, rank, oversample, power_iters, seed);
+    kmax = std::max(kmax, b.numel());
     before.push_back(b);
     after.push_back(a);
-    stats.push_back(s);
+    stats.push_back(s.to(device));
   }
-  Tensor all = stats.empty() ? at::zeros({0, kNumStats}, at::TensorOptions().dtype(at::kDouble))
-                             : at::stack(stats);
-  return {before, after, all};
+  auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  const int64_t L = static_cast<int64_t>(deltas.size());
+  Tensor all_before = at::zeros({L, kmax}, opts);
+  Tensor all_after = at::zeros({L, kmax}, opts);
+  for (int64_t i = 0; i < L; ++i) {
+    all_before[i].narrow(0, 0, before[i].numel()).copy_(before[i]);
+    all_after[i].narrow(0, 0, after[i].numel()).copy_(after[i]);
+  }
+  Tensor all_stats = L == 0 ? at::zeros({0, kNumStats}, opts) : at::stack(stats);
+  return {all_before, all_after, all_stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> factored_svd(const Tensor& left, const Tensor& right) {
@@ -335,7 +345,8 @@ Tensor spectral_norm(const Tensor& W, double rtol, int64_t max_iters, int64_t se
   // Golub–Kahan–Lanczos bidiagonalisation in float64 with full reorthogonalisation. With B_j = X Σ Yᵀ,
   // the top Ritz triplet satisfies W v = θ u exactly and ‖Wᵀu − θ v‖ = β_j |x_j|: a singular value of
   // W lies within that residual of θ, and θ ≤ σmax(W) always.
-  Tensor A = W.to(at::kDouble);
+  // Start in the smaller dimension, so that min(m, n) steps exhaust the Krylov space (exact answer).
+  Tensor A = W.size(0) < W.size(1) ? W.t().to(at::kDouble) : W.to(at::kDouble);
   const int64_t m = A.size(0), n = A.size(1), steps = std::min<int64_t>(max_iters, std::min(m, n));
   TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: W contains NaN or Inf");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));

@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> restrain_(
     at::Tensor& delta, double threshold, int64_t fn, double param, int64_t rank, int64_t oversample,
     int64_t power_iters, int64_t seed);
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> restrain_many_(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> restrain_many_(
     at::TensorList deltas, at::ArrayRef<double> thresholds, int64_t fn, double param, int64_t rank,
     int64_t oversample, int64_t power_iters, int64_t seed);
 

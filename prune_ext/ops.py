@@ -26,8 +26,9 @@ def restrain_(
 def restrain_many_(
     deltas: list[torch.Tensor], thresholds: list[float], fn: int, param: float, rank: int, oversample: int,
     power_iters: int, seed: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """In place on every matrix; returns per-matrix sigma_before / sigma_after and (L, 8) stats."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place on every matrix; returns sigma_before / sigma_after as (L, kmax) zero-padded rows, and
+    the (L, 8) stats."""
     return _ops.restrain_many_.default(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)
 
 
@@ -46,6 +47,14 @@ def spectral_norm(W: torch.Tensor, rtol: float, max_iters: int, seed: int) -> to
     return _ops.spectral_norm.default(W, rtol, max_iters, seed)
 
 
+def restrain_gesvdr_(
+    delta: torch.Tensor, threshold: float, fn: int, param: float, rank: int, oversample: int, power_iters: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA only: restrain_ with the top triplets from cusolverDnXgesvdr (no certificate); same outputs."""
+    return _ops.restrain_gesvdr_.default(delta, threshold, fn, param, rank, oversample, power_iters, seed)
+
+
 def _stats_like(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.new_empty(shape, dtype=torch.float64)
 
@@ -56,14 +65,20 @@ def _(delta, threshold, fn, param, rank, oversample, power_iters, seed):
     return _stats_like(delta, k), _stats_like(delta, k), _stats_like(delta, NUM_STATS)
 
 
+if hasattr(_ops, "restrain_gesvdr_"):  # absent from a _C built before the op was added
+
+    @torch.library.register_fake("prune_ext::restrain_gesvdr_")
+    def _(delta, threshold, fn, param, rank, oversample, power_iters, seed):
+        k = torch.library.get_ctx().new_dynamic_size()
+        return _stats_like(delta, k), _stats_like(delta, k), _stats_like(delta, NUM_STATS)
+
+
 @torch.library.register_fake("prune_ext::restrain_many_")
 def _(deltas, thresholds, fn, param, rank, oversample, power_iters, seed):
-    ctx = torch.library.get_ctx()
-    ks = [ctx.new_dynamic_size() for _ in deltas]
-    before = [_stats_like(d, k) for d, k in zip(deltas, ks)]
-    after = [_stats_like(d, k) for d, k in zip(deltas, ks)]
+    kmax = torch.library.get_ctx().new_dynamic_size()
     device = deltas[0].device if deltas else "cpu"
-    return before, after, torch.empty(len(deltas), NUM_STATS, dtype=torch.float64, device=device)
+    padded = torch.empty(len(deltas), kmax, dtype=torch.float64, device=device)
+    return padded, torch.empty_like(padded), torch.empty(len(deltas), NUM_STATS, dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("prune_ext::restrain_values")

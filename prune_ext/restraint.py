@@ -23,7 +23,7 @@ DEFAULT_SEED = 0x5EED
 DEFAULT_OVERSAMPLE = 10
 DEFAULT_POWER_ITERS = 8  # adaptive mode: the most subspace iterations spent before a dense SVD takes over
 
-_METHODS = {0: "none", 1: "randomized", 2: "dense", 3: "norm-bound"}
+_METHODS = {0: "none", 1: "randomized", 2: "dense", 3: "norm-bound", 4: "gesvdr"}
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def restrain(
     rank: int | None = None,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
+    method: Literal["auto", "gesvdr"] = "auto",
     return_info: bool = False,
 ):
     """Restrain the singular values of ``delta`` above ``W_sigma_max``, in place, and return ``delta``.
@@ -153,6 +154,10 @@ def restrain(
         oversample: extra sketch columns beyond the number of values above the threshold.
         power_iters: adaptive mode: the most subspace iterations before falling back to a dense SVD;
             fixed-rank mode: exactly this many.
+        method: ``"auto"`` (the certified range finder) or ``"gesvdr"`` (CUDA tensors only: the top
+            triplets from cuSOLVER's randomized SVD, ``cusolverDnXgesvdr``, with ``oversample`` and
+            ``power_iters`` passed on; no certificate, ``info.certified`` is False; the sketch doubles
+            while every value found is above the threshold, up to where the certified path takes over).
         return_info: also return a :class:`RestrainInfo`.
 
     If no singular value exceeds the threshold, ``delta`` is left bit-for-bit unchanged. Bad input
@@ -163,10 +168,16 @@ def restrain(
     code, param = _fn_args(fn, alpha, beta)
     if rank is not None and rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
+    if method == "auto":
+        op = ops.restrain_
+    elif method == "gesvdr":
+        if not delta.is_cuda:
+            raise ValueError(f"method='gesvdr' (cuSOLVER's randomized SVD) needs a CUDA tensor, got {delta.device}")
+        op = ops.restrain_gesvdr_
+    else:
+        raise ValueError(f"method must be 'auto' or 'gesvdr', got {method!r}")
     with torch.no_grad():
-        before, after, stats = ops.restrain_(
-            delta, t, code, param, rank or 0, oversample, power_iters, _seed(generator, seed)
-        )
+        before, after, stats = op(delta, t, code, param, rank or 0, oversample, power_iters, _seed(generator, seed))
     if return_info:
         return delta, RestrainInfo._from_op(t, before, after, stats)
     return delta
@@ -206,7 +217,8 @@ def restrain_many(
             mats, thresholds, code, param, rank or 0, oversample, power_iters, _seed(generator, seed)
         )
     if return_info:
-        infos = [RestrainInfo._from_op(t, b, a, s) for t, b, a, s in zip(thresholds, before, after, stats)]
+        infos = [RestrainInfo._from_op(t, b[: int(s[0])], a[: int(s[0])], s)
+                 for t, b, a, s in zip(thresholds, before, after, stats)]
         return mats, infos
     return mats
 

@@ -1,0 +1,301 @@
+"""The core operator against the float64 full-SVD reference, edge cases, bad input, opcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SPECTRA, matrix_with_spectrum, spectrum
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prune_ext
+from prune_ext import reference
+
+# Relative Frobenius error allowed against the float64 reference, per input dtype. Half types are
+# compared with the reference of the rounded input, and can only be as exact as their rounding.
+TOL = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def within_tolerance(out: torch.Tensor, ref: torch.Tensor, delta_norm: float, dtype: torch.dtype) -> bool:
+    """TOL relative to the reference, plus the rounding of the working precision at ΔW's own scale:
+    when the restraint removes most of ΔW's norm (σ1 = 1e6 σ_W, say), a float32 ΔW carries an absolute
+    error of ε‖ΔW‖ before anything is computed, and no float32 algorithm can do better."""
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    err = (out.double().cpu() - ref).norm().item()
+    return err <= TOL[dtype] * ref.norm().item() + 20 * eps * delta_norm
+
+
+def check_against_reference(delta: torch.Tensor, t: float, **kw) -> prune_ext.RestrainInfo:
+    ref = reference.restrain(delta, t, kw.get("alpha", 1.2), fn=kw.get("fn", "log"), beta=kw.get("beta", 2.0))
+    n_above = int((torch.linalg.svdvals(delta.double()) > t).sum())
+    norm = delta.double().norm().item()
+    out, info = prune_ext.restrain(delta, t, return_info=True, **kw)
+    assert out is delta
+    assert within_tolerance(delta, ref, norm, delta.dtype), (info, rel_err(delta, ref))
+    assert info.certified and info.sigma_next_bound <= t * (1 + 1e-5)
+    if delta.dtype in (torch.float32, torch.float64):
+        # values within rounding of the threshold may fall on either side
+        assert abs(info.restrained - n_above) <= (0 if delta.dtype == torch.float64 else 2) or info.method == "dense"
+    return info
+
+
+@pytest.mark.parametrize("kind", SPECTRA)
+@pytest.mark.parametrize("shape,rank", [((300, 500), 20), ((500, 300), 150), ((160, 120), 120), ((40, 70), 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(device, kind, shape, rank, dtype):
+    t = 2.5
+    d = matrix_with_spectrum(*shape, spectrum(kind, rank, t, seed=rank), seed=rank, dtype=dtype, device=device)
+    check_against_reference(d, t)
+
+
+@pytest.mark.parametrize("fn,kw", [("log", {"alpha": math.e}), ("log", {"alpha": 1.5}), ("linear", {"beta": 2.0}),
+                                   ("linear", {"beta": 5.0})])
+def test_restraint_functions(device, fn, kw):
+    d = matrix_with_spectrum(400, 256, spectrum("spikes", 40, 1.0), device=device, dtype=torch.float64)
+    check_against_reference(d, 1.0, fn=fn, **kw)
+
+
+def test_randomized_path_grows_and_certifies(device):
+    # rank 200 > the first sketch: the subspace must grow, and stay well below min(m, n)
+    t = 3.0
+    d = matrix_with_spectrum(1200, 1600, spectrum("decaying", 200, t), device=device)
+    info = check_against_reference(d, t)
+    assert info.method == "randomized" and 200 <= info.rank_explored < 600
+    assert info.residual < 1e-3 * t
+
+
+def test_full_rank_falls_back_to_dense(device):
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(300, 200, generator=g, dtype=torch.float64).to(device)
+    t = 0.5 * torch.linalg.svdvals(d)[0].item()
+    info = check_against_reference(d, t)
+    assert info.method == "dense"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(device, dtype):
+    t = 1.0
+    d = matrix_with_spectrum(200, 320, spectrum("decaying", 30, t), device=device, dtype=dtype)
+    check_against_reference(d, t)
+    assert d.dtype == dtype
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_any_strides(device, layout):
+    t = 2.0
+    base = matrix_with_spectrum(320, 600, spectrum("decaying", 25, t), device=device)
+    if layout == "transposed":  # GPT-2's Conv1D stores W as in × out: restrain a .T view
+        storage = base.T.contiguous()
+        view = storage.T
+    else:
+        storage = torch.zeros(320, 1200, device=device)
+        storage[:, ::2] = base
+        view = storage[:, ::2]
+    ref = reference.restrain(view, t)
+    out = prune_ext.restrain(view, t)
+    assert out is view and out.data_ptr() == view.data_ptr()
+    assert rel_err(view, ref) <= 1e-4
+    if layout == "strided":
+        assert torch.count_nonzero(storage[:, 1::2]) == 0  # untouched between the strides
+
+
+def test_nothing_above_threshold_is_bitwise_noop(device):
+    t = 1.0
+    # Frobenius norm far above t but σmax below it: the randomized path must prove it and write nothing
+    d = matrix_with_spectrum(300, 400, spectrum("below", 100, t), device=device)
+    assert d.norm() > t
+    before = d.clone()
+    _, info = prune_ext.restrain(d, t, return_info=True)
+    assert info.restrained == 0 and info.certified
+    assert torch.equal(d, before)
+    small = matrix_with_spectrum(50, 60, torch.tensor([0.5, 0.1]), device=device)
+    keep = small.clone()
+    _, info = prune_ext.restrain(small, t, return_info=True)
+    assert info.method == "norm-bound" and torch.equal(small, keep)
+
+
+def test_info_reports_what_changed(device):
+    t = 1.0
+    sig = torch.tensor([5.0, 3.0, 2.0, 0.5, 0.25], dtype=torch.float64)
+    d = matrix_with_spectrum(200, 150, sig, device=device, dtype=torch.float64)
+    _, info = prune_ext.restrain(d, t, 1.5, return_info=True)
+    assert info.restrained == 3
+    torch.testing.assert_close(info.sigma_before, sig[:3], rtol=1e-10, atol=0)
+    torch.testing.assert_close(info.sigma_after, reference.restrained_values(sig[:3], t, 1.5), rtol=1e-10, atol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(d.cpu())[:3], info.sigma_after, rtol=1e-10, atol=0)
+    assert info.sigma_next_bound >= 0.5 - 1e-9
+
+
+def test_deterministic_for_a_seed(device):
+    t = 2.0
+    d = matrix_with_spectrum(400, 500, spectrum("decaying", 60, t), device=device)
+    a, b, c = d.clone(), d.clone(), d.clone()
+    prune_ext.restrain(a, t, generator=torch.Generator().manual_seed(7))
+    prune_ext.restrain(b, t, generator=torch.Generator().manual_seed(7))
+    prune_ext.restrain(c, t, seed=123)
+    assert torch.equal(a, b)
+    assert rel_err(c, a.double().cpu()) < 1e-5
+
+
+def test_fixed_rank(device):
+    t = 2.0
+    d = matrix_with_spectrum(400, 500, spectrum("decaying", 30, t), device=device)
+    ref = reference.restrain(d, t)
+    _, info = prune_ext.restrain(d, t, rank=40, power_iters=1, return_info=True)
+    assert info.rank_explored == 40 and info.power_iters == 1 and info.certified
+    assert rel_err(d, ref) < 1e-4
+
+
+def test_empty_is_noop(device):
+    d = torch.empty(0, 5, device=device)
+    _, info = prune_ext.restrain(d, 1.0, return_info=True)
+    assert info.restrained == 0 and d.shape == (0, 5)
+
+
+GOOD = dict(W_sigma_max=1.0, alpha=1.2)
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,exc,match",
+    [
+        (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]) * 10, GOOD, ValueError, "NaN or Inf"),
+        (lambda: torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), GOOD, ValueError, "NaN or Inf"),
+        (lambda: torch.ones(4), GOOD, ValueError, "2-D"),
+        (lambda: torch.ones(2, 3, 4), GOOD, ValueError, "2-D"),
+        (lambda: torch.ones(3, 3, dtype=torch.int64), GOOD, TypeError, "floating"),
+        (lambda: torch.ones(3, 3, dtype=torch.bool), GOOD, TypeError, "floating"),
+        (lambda: torch.ones(3, 3, dtype=torch.complex64), GOOD, TypeError, "floating"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, alpha=1.0), ValueError, "alpha"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, alpha=0.5), ValueError, "alpha"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, alpha=float("nan")), ValueError, "alpha"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, alpha=float("inf")), ValueError, "alpha"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, fn="linear", beta=1.0), ValueError, "beta"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=0.0), ValueError, "W_sigma_max"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=-1.0), ValueError, "W_sigma_max"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=float("nan")), ValueError, "W_sigma_max"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=float("inf")), ValueError, "W_sigma_max"),
+        (lambda: torch.ones(3, 3), dict(W_sigma_max=1.0, fn="cubic"), ValueError, "fn"),
+        (lambda: [[1.0, 2.0]], GOOD, TypeError, "Tensor"),
+    ],
+)
+def test_bad_input_is_rejected_and_leaves_delta_untouched(make, kwargs, exc, match):
+    delta = make()
+    before = delta.clone() if isinstance(delta, torch.Tensor) else None
+    with pytest.raises(exc, match=match):
+        prune_ext.restrain(delta, **kwargs)
+    if before is not None:
+        assert torch.equal(delta.view(torch.uint8) if delta.dtype == torch.bool else delta, before) or (
+            torch.isnan(before).any())
+        if torch.isnan(before).any():
+            assert torch.equal(torch.isnan(delta), torch.isnan(before))
+            assert torch.equal(delta.nan_to_num(), before.nan_to_num())
+
+
+def test_cuda_tensor_on_cpu_build_is_a_clear_error(monkeypatch):
+    if prune_ext.WITH_CUDA or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device and a CPU-only build of prune_ext")
+    with pytest.raises(RuntimeError, match="built without CUDA support"):
+        prune_ext.restrain(torch.ones(3, 3, device="cuda"), 1.0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 260),
+    n=st.integers(1, 260),
+    rank_frac=st.floats(0.05, 1.0),
+    kind=st.sampled_from(SPECTRA),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    fn=st.sampled_from(["log", "linear"]),
+    param=st.floats(1.05, 5.0),
+    t=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(m, n, rank_frac, kind, dtype, fn, param, t, seed):
+    r = max(1, int(rank_frac * min(m, n)))
+    d = matrix_with_spectrum(m, n, spectrum(kind, r, t, seed=seed), seed=seed, dtype=dtype)
+    kw = {"alpha": param} if fn == "log" else {"fn": "linear", "beta": param}
+    check_against_reference(d, t, **kw)
+
+
+def test_restrain_many_equals_one_by_one(device):
+    t = [1.0, 2.0, 0.5, 1.0, 1.5]
+    mats = [matrix_with_spectrum(300, 200, spectrum(k, 40, tt, seed=i), seed=i, device=device)
+            for i, (k, tt) in enumerate(zip(["decaying", "spikes", "below", "decaying", "huge"], t))]
+    singles = [m.clone() for m in mats]
+    for s, tt in zip(singles, t):
+        prune_ext.restrain(s, tt)
+    out, infos = prune_ext.restrain_many(mats, t, return_info=True)
+    assert all(o is m for o, m in zip(out, mats))
+    for a, b in zip(mats, singles):
+        assert torch.equal(a, b)
+    assert [i.threshold for i in infos] == t
+
+
+def test_restrain_many_checks_everything_first():
+    a, b = torch.randn(20, 30), torch.ones(3)
+    keep = a.clone()
+    with pytest.raises(ValueError, match="2-D"):
+        prune_ext.restrain_many([a, b], 0.1)
+    assert torch.equal(a, keep)
+    with pytest.raises(ValueError, match="thresholds"):
+        prune_ext.restrain_many([a], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("m,n,r", [(500, 300, 7), (64, 900, 40), (30, 40, 60)])
+def test_restrain_factors(device, m, n, r):
+    g = torch.Generator().manual_seed(r)
+    left = (torch.randn(m, r, generator=g) * 2).to(device)
+    right = torch.randn(n, r, generator=g).to(device)
+    dense = left @ right.T
+    t = 0.3 * torch.linalg.svdvals(dense.double())[0].item()
+    new_left, new_right, sigma = prune_ext.restrain_factors(left, right, t, 1.5)
+    ref = reference.restrain(dense, t, 1.5)
+    assert rel_err(new_left @ new_right.T, ref) < 1e-5
+    torch.testing.assert_close(sigma.double().cpu(), torch.linalg.svdvals(dense.double())[: sigma.numel()].cpu(),
+                               rtol=1e-4, atol=1e-4)
+    assert new_left.shape[1] <= min(m, n, r)
+
+
+def test_restrain_values_matches_reference_formula(device):
+    s = torch.logspace(-2, 3, 200, dtype=torch.float64, device=device)
+    for fn, kw in [("log", {"alpha": 1.2}), ("log", {"alpha": math.e}), ("linear", {"beta": 3.0})]:
+        got = prune_ext.restrain_values(s, 5.0, fn=fn, **kw)
+        want = reference.restrained_values(s.cpu(), 5.0, kw.get("alpha", 1.2), fn, kw.get("beta", 2.0))
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)
+        assert torch.all(got.cpu()[s.cpu() <= 5.0] == s.cpu()[s.cpu() <= 5.0])
+        assert torch.all(got.cpu().diff() > 0)  # monotone, and continuous at the threshold:
+        assert prune_ext.restrain_values(torch.tensor([5.0 + 1e-9], dtype=torch.float64), 5.0, fn=fn, **kw).item() \
+            == pytest.approx(5.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (300, 40), (1, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spectral_norm(device, shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(*shape, generator=g) / math.sqrt(shape[1])).to(device=device, dtype=dtype)
+    want = torch.linalg.svdvals(W.double().cpu())[0].item()
+    assert prune_ext.spectral_norm(W) == pytest.approx(want, rel=1e-6)
+
+
+def test_condition_number():
+    sig = torch.tensor([10.0, 3.0, 0.25], dtype=torch.float64)
+    W = matrix_with_spectrum(30, 3, sig, dtype=torch.float64)
+    assert prune_ext.condition_number(W) == pytest.approx(40.0, rel=1e-10)
+    assert prune_ext.condition_number(torch.zeros(3, 3)) == math.inf
+
+
+def test_opcheck():
+    t = 1.0
+    d = matrix_with_spectrum(200, 150, spectrum("decaying", 20, t), dtype=torch.float64)
+    ops = torch.ops.prune_ext
+    torch.library.opcheck(ops.restrain_.default, (d.clone(), t, 0, 1.2, 0, 10, 8, 0))
+    torch.library.opcheck(ops.restrain_many_.default, ([d.clone(), d.clone()], [t, 2 * t], 1, 2.0, 0, 10, 8, 0))
+    torch.library.opcheck(ops.restrain_values.default, (torch.linspace(0, 5, 11, dtype=torch.float64), t, 0, 1.2))
+    torch.library.opcheck(ops.factored_svd.default, (torch.randn(40, 5), torch.randn(30, 5)))
+    torch.library.opcheck(ops.spectral_norm.default, (d, 1e-6, 50, 0))
