@@ -1,0 +1,293 @@
+// CUDA kernels of prune_ext.
+//
+// * restrain_, restrain_many_, factored_svd, spectral_norm: the device-generic algorithms of
+//   csrc/restrain.cpp (ATen calls: GEMMs through cuBLAS, QR / eigh / SVD through cuSOLVER), run under a
+//   device guard for the input's device and on the current stream. The numerical logic is the one the CPU
+//   tests exercise.
+// * restrain_values: an elementwise kernel over the F of csrc/restrain_math.h (the code the CPU runs).
+// * restrain_gesvdr_: cuSOLVER's randomized SVD (cusolverDnXgesvdr) for the top triplets, then the
+//   restraint-and-scale step as one fused kernel (F from restrain_math.h) and the rank-k correction as
+//   one in-place GEMM. Selectable alternative to compare against; it has no certificate.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <math_constants.h>
+#include <vector>
+
+#include "../restrain.h"
+#include "../restrain_math.h"
+#include "cusolver_handle.cuh"
+
+namespace prune_ext {
+namespace cuda {
+
+using at::Tensor;
+
+// Stats method code of the gesvdr path (extends Method in restrain.h; prune_ext/restraint.py maps it).
+constexpr int64_t kMethodGesvdr = 4;
+
+constexpr int kThreads = 256;
+
+inline int blocks_for(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16)));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// restrain_values: F elementwise, in the op-math type (float for half / bfloat16).
+
+template <typename scalar_t>
+__global__ void restrain_values_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+                                       double threshold, int64_t fn, double param) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t t = static_cast<acc_t>(threshold), p = static_cast<acc_t>(param);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    out[i] = static_cast<scalar_t>(restrained_value<acc_t>(static_cast<acc_t>(in[i]), t, fn, p));
+}
+
+Tensor restrain_values_cuda(const Tensor& sigma, double threshold, int64_t fn, double param) {
+  check_restraint_args(threshold, fn, param);
+  TORCH_CHECK_TYPE(at::isFloatingType(sigma.scalar_type()), "prune_ext: sigma must be floating point");
+  c10::cuda::CUDAGuard guard(sigma.device());
+  Tensor in = sigma.contiguous();
+  Tensor out = at::empty_like(in);
+  const int64_t n = in.numel();
+  if (n == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "restrain_values_cuda", [&] {
+    restrain_values_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, threshold, fn, param);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The device-generic algorithms, under a device guard (they enqueue on the current stream of that device).
+
+std::tuple<Tensor, Tensor, Tensor> restrain_cuda(Tensor& delta, double threshold, int64_t fn, double param,
+                                                 int64_t rank, int64_t oversample, int64_t power_iters,
+                                                 int64_t seed) {
+  c10::cuda::CUDAGuard guard(delta.device());
+  return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed);
+}
+
+// (Return type as restrain.h declares it: this file follows the schema's outputs without restating them.)
+auto restrain_many_cuda(at::TensorList deltas, at::ArrayRef<double> thresholds, int64_t fn, double param,
+                        int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed)
+    -> decltype(restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)) {
+  TORCH_CHECK_VALUE(!deltas.empty(), "prune_ext: restrain_many_ got no matrices");
+  const at::Device device = deltas[0].device();
+  for (const Tensor& d : deltas)
+    TORCH_CHECK_VALUE(d.device() == device, "prune_ext: restrain_many_ needs every matrix on one device, got ",
+                      device, " and ", d.device());
+  c10::cuda::CUDAGuard guard(device);
+  // Per matrix, in order: bit-for-bit the result of restrain_ on each (same seed, same sketches).
+  return restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed);
+}
+
+std::tuple<Tensor, Tensor, Tensor> factored_svd_cuda(const Tensor& left, const Tensor& right) {
+  c10::cuda::CUDAGuard guard(left.device());
+  return factored_svd(left, right);
+}
+
+Tensor spectral_norm_cuda(const Tensor& W, double rtol, int64_t max_iters, int64_t seed) {
+  c10::cuda::CUDAGuard guard(W.device());
+  return spectral_norm(W, rtol, max_iters, seed);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// cusolverDnXgesvdr path.
+
+template <typename T>
+struct CudaType;
+template <>
+struct CudaType<float> {
+  static constexpr cudaDataType value = CUDA_R_32F;
+};
+template <>
+struct CudaType<double> {
+  static constexpr cudaDataType value = CUDA_R_64F;
+};
+
+// The fused restraint-and-scale step: out[i, j] = U[i, j] · (σ_j − F(σ_j)), 0 for σ_j at or below the
+// threshold. F in float64, from restrain_math.h (the code the CPU path runs). U may be strided.
+template <typename T>
+__global__ void shrink_scale_kernel(const T* __restrict__ U, int64_t su0, int64_t su1, const T* __restrict__ S,
+                                    T* __restrict__ out, int64_t rows, int64_t cols, double threshold, int64_t fn,
+                                    double param) {
+  const int64_t total = rows * cols;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t i = idx / cols, j = idx - i * cols;
+    const double shrink = restraint_shrink<double>(static_cast<double>(S[j]), threshold, fn, param);
+    out[idx] = static_cast<T>(static_cast<double>(U[i * su0 + j * su1]) * shrink);
+  }
+}
+
+// One thread: before/after (float64, length r), the stats vector and gesvdr's info in stats[kNumStats].
+template <typename T>
+__global__ void summarize_kernel(const T* __restrict__ S, int64_t r, double threshold, int64_t fn, double param,
+                                 int64_t niters, const int* __restrict__ info, double* __restrict__ before,
+                                 double* __restrict__ after, double* __restrict__ stats) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  int64_t k = 0;
+  for (int64_t j = 0; j < r; ++j) {
+    const double s = static_cast<double>(S[j]);
+    before[j] = s;
+    after[j] = restrained_value<double>(s, threshold, fn, param);
+    k += s > threshold ? 1 : 0;
+  }
+  stats[kStatRestrained] = static_cast<double>(k);
+  stats[kStatRankExplored] = static_cast<double>(r);
+  // An estimate of σ_{k+1} (a Ritz value, i.e. a lower bound): gesvdr certifies nothing.
+  stats[kStatSigmaNextBound] = k < r ? static_cast<double>(S[k]) : CUDART_INF;
+  stats[kStatCertified] = 0;
+  stats[kStatMethod] = static_cast<double>(kMethodGesvdr);
+  stats[kStatPowerIters] = static_cast<double>(niters);
+  stats[kStatResidual] = CUDART_NAN;
+  stats[kStatRitzResidual] = CUDART_NAN;
+  stats[kNumStats] = static_cast<double>(*info);
+}
+
+struct GesvdrResult {
+  Tensor left;    // m × r: left singular vectors of ΔW (strided view)
+  Tensor right;   // n × r: right singular vectors of ΔW (strided view)
+  Tensor S;       // r singular values, descending
+  Tensor before, after, stats;  // float64 on the device; stats has kNumStats + 1 entries (the last: info)
+  int64_t k = 0;
+  int info = 0;
+};
+
+// Top-r triplets of the m × n row-major float/double matrix `work` (destroyed). Row-major A is the
+// column-major n × m matrix Aᵀ = U' Σ V'ᵀ, so the left vectors of A are V' and the right ones U'.
+template <typename T>
+GesvdrResult gesvdr(Tensor& work, int64_t r, int64_t p, int64_t niters, double threshold, int64_t fn,
+                    double param) {
+  const int64_t m = work.size(0), n = work.size(1);
+  const int64_t rows = n, cols = m;  // the column-major view cuSOLVER sees
+  const auto opts = work.options();
+  const c10::DeviceIndex device = work.device().index();
+  SolverContext ctx = solver_context(device);
+  // Output buffers as large as NVIDIA's sample (and CUDA.jl) allocate them for jobu = jobv = 'S':
+  // ldu × rows and ldv × cols. Column-major X (ld × c) is the row-major torch tensor {c, ld}.
+  Tensor S = at::empty({std::min(rows, cols)}, opts);
+  Tensor Ub = at::empty({rows, rows}, opts);
+  Tensor Vb = at::empty({cols, cols}, opts);
+  Tensor info = at::zeros({1}, opts.dtype(at::kInt));
+  constexpr cudaDataType dt = CudaType<T>::value;
+  size_t dev_bytes = 0, host_bytes = 0;
+  PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXgesvdr_bufferSize(
+      ctx.handle, ctx.params, 'S', 'S', rows, cols, r, p, niters, dt, work.data_ptr(), rows, dt, S.data_ptr(), dt,
+      Ub.data_ptr(), rows, dt, Vb.data_ptr(), cols, dt, &dev_bytes, &host_bytes));
+  Tensor dwork = at::empty({static_cast<int64_t>(std::max<size_t>(dev_bytes, 1))}, opts.dtype(at::kByte));
+  std::vector<char> hwork(std::max<size_t>(host_bytes, 1));
+  PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXgesvdr(
+      ctx.handle, ctx.params, 'S', 'S', rows, cols, r, p, niters, dt, work.data_ptr(), rows, dt, S.data_ptr(), dt,
+      Ub.data_ptr(), rows, dt, Vb.data_ptr(), cols, dt, dwork.data_ptr(), dev_bytes, hwork.data(), host_bytes,
+      info.data_ptr<int>()));
+
+  GesvdrResult res;
+  res.S = S.narrow(0, 0, r);
+  res.right = Ub.narrow(0, 0, r).t();  // n × r (U' of Aᵀ)
+  res.left = Vb.narrow(0, 0, r).t();   // m × r (V' of Aᵀ)
+  auto dopts = opts.dtype(at::kDouble);
+  res.before = at::empty({r}, dopts);
+  res.after = at::empty({r}, dopts);
+  res.stats = at::empty({kNumStats + 1}, dopts);
+  summarize_kernel<T><<<1, 1, 0, c10::cuda::getCurrentCUDAStream(device)>>>(
+      res.S.const_data_ptr<T>(), r, threshold, fn, param, niters, info.const_data_ptr<int>(),
+      res.before.mutable_data_ptr<double>(), res.after.mutable_data_ptr<double>(),
+      res.stats.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The one device-to-host synchronisation of a round: k (the adaptive decision) and info.
+  const Tensor host = res.stats.to(at::kCPU);
+  res.k = static_cast<int64_t>(host.const_data_ptr<double>()[kStatRestrained]);
+  res.info = static_cast<int>(host.const_data_ptr<double>()[kNumStats]);
+  return res;
+}
+
+std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double threshold, int64_t fn, double param,
+                                                        int64_t rank, int64_t oversample, int64_t power_iters,
+                                                        int64_t seed) {
+  check_matrix(delta, "delta");
+  check_restraint_args(threshold, fn, param);
+  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0,
+                    "prune_ext: rank, oversample and power_iters must be >= 0");
+  TORCH_CHECK_VALUE(delta.is_cuda(), "prune_ext: the gesvdr method (cuSOLVER) needs a CUDA tensor, got ",
+                    delta.device());
+  c10::cuda::CUDAGuard guard(delta.device());
+  const int64_t m = delta.size(0), n = delta.size(1), pmin = std::min(m, n);
+  const bool fixed = rank > 0;
+  // Too small for a randomized SVD with any oversampling: the certified generic path (dense here).
+  if (delta.numel() == 0 || pmin < 2) return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed);
+
+  const at::ScalarType ct = delta.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t p_max = std::min(oversample, pmin - 1);
+  int64_t r = fixed ? std::min(rank, pmin) : std::max<int64_t>(1, std::min<int64_t>(32, pmin - p_max));
+  while (true) {
+    const int64_t p = std::min(p_max, pmin - r);
+    // gesvdr destroys its input: work on a row-major copy in the compute dtype.
+    Tensor work = at::empty({m, n}, delta.options().dtype(ct));
+    work.copy_(delta);
+    GesvdrResult res;
+    AT_DISPATCH_FLOATING_TYPES(ct, "restrain_gesvdr_cuda", [&] {
+      res = gesvdr<scalar_t>(work, r, p, power_iters, threshold, fn, param);
+    });
+    TORCH_CHECK(res.info == 0, "prune_ext: cusolverDnXgesvdr failed with info = ", res.info);
+    if (!fixed && res.k == r) {  // every value found is above the threshold: more may be missing
+      const int64_t grown = std::min(2 * r, pmin - p_max);
+      if (grown > r) {
+        r = grown;
+        continue;
+      }
+      // As large as gesvdr goes: the certified generic path (it falls back to a dense SVD).
+      return restrain_(delta, threshold, fn, param, 0, oversample, power_iters, seed);
+    }
+    const int64_t k = res.k;
+    Tensor stats = res.stats.narrow(0, 0, kNumStats);
+    if (k > 0) {
+      Tensor left = at::empty({m, k}, delta.options().dtype(ct));
+      Tensor right = res.right.narrow(1, 0, k);
+      AT_DISPATCH_FLOATING_TYPES(ct, "restrain_gesvdr_scale", [&] {
+        const Tensor U = res.left.narrow(1, 0, k);
+        shrink_scale_kernel<scalar_t><<<blocks_for(m * k), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            U.const_data_ptr<scalar_t>(), U.stride(0), U.stride(1), res.S.const_data_ptr<scalar_t>(),
+            left.mutable_data_ptr<scalar_t>(), m, k, threshold, fn, param);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      // ΔW −= U_k diag(σ − F(σ)) V_kᵀ: one GEMM on ΔW's own storage when cuBLAS can read it.
+      const bool blas_layout = (delta.stride(1) == 1 && delta.stride(0) >= std::max<int64_t>(1, n)) ||
+                               (delta.stride(0) == 1 && delta.stride(1) >= std::max<int64_t>(1, m));
+      if (delta.scalar_type() == ct && blas_layout) {
+        delta.addmm_(left, right.t(), 1, -1);
+      } else {
+        Tensor A = delta.to(ct);
+        A.addmm_(left, right.t(), 1, -1);
+        delta.copy_(A);
+      }
+    }
+    return {res.before.narrow(0, 0, k), res.after.narrow(0, 0, k), stats.clone()};
+  }
+}
+
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(prune_ext, CUDA, m) {
+  m.impl("restrain_", &cuda::restrain_cuda);
+  m.impl("restrain_many_", &cuda::restrain_many_cuda);
+  m.impl("restrain_values", &cuda::restrain_values_cuda);
+  m.impl("factored_svd", &cuda::factored_svd_cuda);
+  m.impl("spectral_norm", &cuda::spectral_norm_cuda);
+  m.impl("restrain_gesvdr_", &cuda::restrain_gesvdr_cuda);
+}
+
+}  // namespace prune_ext
