@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the operators)
+from . import _C  # loading the library registers the operators
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 NUM_STATS = 8  # length of the stats vector, see csrc/restrain.h

@@ -1,0 +1,190 @@
+"""The editing session: factored bookkeeping, schedules, diagnostics, atomic saves, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import matrix_with_spectrum
+from tiny_models import gpt2_tokenizer, tiny_model
+
+from prune_ext import reference
+from prune_ext.editing import EditRequest
+from prune_ext.session import EditingSession, MatrixLedger
+from prune_ext.updates import LowRankUpdate
+
+HERE = Path(__file__).resolve().parent
+HPARAMS = {"mom2_n_samples": 5_000, "stats_seq_len": 32, "v_weight_decay": 1e-3, "v_num_grad_steps": 8}
+SUBJECTS = ["Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Black", "Frank Green", "Grace Hall",
+            "Henry King"]
+TARGETS = ["Paris", "Tokyo", "Berlin", "Madrid", "Rome", "London", "Vienna", "Oslo"]
+REQUESTS = [EditRequest(f"The home town of {s}", s, t) for s, t in zip(SUBJECTS, TARGETS)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models, and bitwise-reproducible runs across processes
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+def test_ledger_factored_restraint_matches_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    W = matrix_with_spectrum(300, 200, torch.linspace(5, 1, 200, dtype=torch.float64))
+    ledger = MatrixLedger("w", W)
+    assert ledger.sigma_w == pytest.approx(5.0, rel=1e-6)
+    basis = torch.randn(300, 10, generator=g)  # 30 rank-2 edits inside a 10-dimensional subspace
+    for _ in range(30):
+        ledger.append(LowRankUpdate("w", basis @ torch.randn(10, 2, generator=g), torch.randn(200, 2, generator=g)),
+                      max_rank=16)
+    assert ledger.dense is None and ledger.left.shape[1] <= 16 + 2  # recompressed, still factored
+    dense = ledger.delta()
+    k, (left, right) = ledger.restrained("log", 1.5, 2.0)
+    ref = reference.restrain(dense, ledger.sigma_w, 1.5)
+    assert ((left @ right.T).double() - ref).norm() / ref.norm() < 1e-5
+    assert k == int((torch.linalg.svdvals(dense.double()) > ledger.sigma_w).sum()) > 0
+    # a dense update switches the ledger to dense and keeps the same ΔW
+    extra = torch.randn(300, 200, generator=g) * 0.01
+    ledger.append(extra, max_rank=16)
+    assert ledger.dense is not None
+    torch.testing.assert_close(ledger.delta(), dense + extra)
+
+
+def run_session(tok, cache, *, arch="gpt2", dtype=torch.float32, **kw):
+    model = tiny_model(arch, tok, dtype=dtype)
+    session = EditingSession(model, tok, "rome", HPARAMS, cov_cache_dir=cache, progress=False, **kw)
+    return model, session
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_every_k_edits_restrains_the_cumulative_update(tok, cache, every):
+    model, session = run_session(tok, cache, every=every, alpha=1.2)
+    name = session.editor.hparams.module_name
+    delta = torch.zeros_like(model.get_submodule(name).weight, dtype=torch.float64)
+    for i, req in enumerate(REQUESTS[:6]):
+        delta = delta + sum(u.dense().double() for u in session.edit(req))
+        ledger = session.ledgers[name]
+        if (i + 1) % every == 0:  # later edits add to the restrained ΔW, as in the paper
+            delta = reference.restrain(delta, ledger.sigma_w, 1.2)
+        assert (ledger.delta().double() - delta).norm() / delta.norm() < 1e-5
+        # the model always holds W + ΔW
+        weight = model.get_submodule(name).weight.detach()
+        torch.testing.assert_close(weight, ledger.weight(), rtol=1e-5, atol=1e-6)
+    assert len(session.restraints) == 6 // every
+    assert any(sum(r["restrained"].values()) > 0 for r in session.restraints), "edits too small to test"
+
+
+def test_once_at_the_end_yields_both_models(tok, cache):
+    model, session = run_session(tok, cache)  # the paper's main schedule
+    name = session.editor.hparams.module_name
+    original = model.get_submodule(name).weight.detach().clone()
+    updates = []
+    for req in REQUESTS[:5]:
+        updates += session.edit(req)
+    assert session.restraints == []
+    unrestrained = session.weights(restrained=False)[name]
+    torch.testing.assert_close(unrestrained, original + sum(u.dense() for u in updates), rtol=1e-5, atol=1e-6)
+    restrained = session.weights(restrained=True)[name]
+    session.finish()
+    ref = original.double() + reference.restrain(unrestrained - original, session.ledgers[name].sigma_w, 1.2)
+    assert (model.get_submodule(name).weight.double() - ref).norm() / ref.norm() < 1e-5
+    torch.testing.assert_close(model.get_submodule(name).weight.detach(), restrained)
+
+
+def test_diagnostics_are_exact(tok, cache):
+    model, session = run_session(tok, cache, every=2)
+    for req in REQUESTS[:4]:
+        session.edit(req)
+    (name, d), = session.diagnostics().items()
+    ledger = session.ledgers[name]
+    s = torch.linalg.svdvals(model.get_submodule(name).weight.double())
+    assert d.exact and d.sigma_max == pytest.approx(s[0].item(), rel=1e-6)
+    assert d.sigma_min == pytest.approx(s[-1].item(), rel=1e-5)
+    assert d.condition_number == pytest.approx((s[0] / s[-1]).item(), rel=1e-5)
+    assert d.delta_rank == 4 and d.threshold == ledger.sigma_w
+    # (on a tiny random model σ_W ln α < 1, where the paper's log F raises σ instead of shrinking it)
+    restrained = ledger.original.double() + reference.restrain(ledger.delta(), ledger.sigma_w, 1.2)
+    assert d.sigma_max_restrained == pytest.approx(torch.linalg.svdvals(restrained)[0].item(), rel=1e-5)
+
+
+def test_bfloat16_model_keeps_float32_books(tok, cache):
+    model, session = run_session(tok, cache, arch="llama", dtype=torch.bfloat16, every=1)
+    for req in REQUESTS[:3]:
+        session.edit(req)
+    (name, ledger), = session.ledgers.items()
+    assert ledger.left.dtype == torch.float32 and ledger.original.dtype == torch.bfloat16
+    weight = model.get_submodule(name).weight
+    assert weight.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.float(), ledger.weight(), rtol=1e-2, atol=1e-2)
+
+
+def test_bad_arguments(tok):
+    model = tiny_model("gpt2", tok)
+    with pytest.raises(ValueError, match="restrain"):
+        EditingSession(model, tok, "rome", restrain="cubic")
+    with pytest.raises(ValueError, match="every"):
+        EditingSession(model, tok, "rome", every=0)
+    with pytest.raises(ValueError, match="alpha"):
+        EditingSession(model, tok, "rome", alpha=1.0)
+
+
+def test_save_is_atomic_and_resumes(tok, cache, tmp_path):
+    ckpt = tmp_path / "session.safetensors"
+    model, session = run_session(tok, cache, every=2, checkpoint=ckpt, save_every=2)
+    session.run(REQUESTS[:4])
+    assert ckpt.exists() and not list(tmp_path.glob(".*.tmp"))
+    model2, resumed = run_session(tok, cache, every=2, checkpoint=ckpt)
+    assert resumed.edits_done == 4 and resumed.finished
+    for name in session.ledgers:
+        assert torch.equal(model.get_submodule(name).weight, model2.get_submodule(name).weight)
+    with pytest.raises(ValueError, match="every"):
+        run_session(tok, cache, every=3, checkpoint=ckpt)
+
+
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_session import HPARAMS, REQUESTS
+from tiny_models import gpt2_tokenizer, tiny_model
+from prune_ext.session import EditingSession
+tok = gpt2_tokenizer()
+model = tiny_model("gpt2", tok)
+session = EditingSession(model, tok, "rome", HPARAMS, every=2, checkpoint={ckpt!r}, save_every=2,
+                         cov_cache_dir={cache!r}, progress=False)
+def die(s):
+    if s.edits_done == 5:
+        os.kill(os.getpid(), 9)  # killed midway, between two saves
+session.run(REQUESTS, on_step=die)
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(tok, cache, tmp_path):
+    ckpt = tmp_path / "run.safetensors"
+    code = textwrap.dedent(WORKER.format(tests=str(HERE), ckpt=str(ckpt), cache=str(cache)))
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    model, resumed = run_session(tok, cache, every=2, checkpoint=ckpt, save_every=2)
+    assert resumed.edits_done == 4  # the last save before the kill
+    resumed.run(REQUESTS)
+    ref_model, ref = run_session(tok, cache, every=2)
+    ref.run(REQUESTS)
+    for name in ref.ledgers:
+        assert torch.equal(model.get_submodule(name).weight, ref_model.get_submodule(name).weight)
