@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -198,6 +199,9 @@ class EditingSession:
         self.steps_done = 0  # editor calls so far (a MEMIT batch is one step)
         self.restraints: list[dict[str, Any]] = []  # when and how much each restraint changed
         self.finished = False
+        self.edit_seconds = 0.0  # time spent in the editor (restraint time is in self.restraints)
+        for name in self._edited_modules():  # known up front: diagnostics exist before the first edit
+            self.ledgers[name] = MatrixLedger(name, _get_weight(model, name), store_device)
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load(self.checkpoint)
 
@@ -208,7 +212,9 @@ class EditingSession:
         restrained if the schedule says so."""
         originals = {name: _get_weight(self.model, name).detach().clone()
                      for name in self._edited_modules() if name not in self.ledgers}
+        start = time.perf_counter()
         updates = self.editor.edit(request)
+        self.edit_seconds += time.perf_counter() - start
         for upd in updates:
             if upd.module not in self.ledgers:
                 weight = originals.get(upd.module)
@@ -278,6 +284,7 @@ class EditingSession:
         Returns the number of singular values restrained per module (0: nothing written)."""
         if self.restrain == "none":
             raise RuntimeError("this session was created with restrain='none'")
+        start = time.perf_counter()
         changed: dict[str, int] = {}
         for name, ledger in self.ledgers.items():
             k, new_delta = ledger.restrained(self.restrain, self.alpha, self.beta)
@@ -291,7 +298,8 @@ class EditingSession:
             weight = _get_weight(self.model, name)
             with torch.no_grad():
                 weight.copy_(ledger.weight().to(device=weight.device, dtype=weight.dtype))
-        self.restraints.append({"edits": self.edits_done, "restrained": changed})
+        seconds = time.perf_counter() - start
+        self.restraints.append({"edits": self.edits_done, "restrained": changed, "seconds": seconds})
         return changed
 
     def weights(self, restrained: bool) -> dict[str, torch.Tensor]:
@@ -364,6 +372,7 @@ class EditingSession:
             "method": self.method,
             "restrain": self.restrain, "alpha": self.alpha, "beta": self.beta, "every": self.every,
             "edits_done": self.edits_done, "steps_done": self.steps_done, "finished": self.finished,
+            "edit_seconds": self.edit_seconds,
             "restraints": self.restraints,
             "modules": {name: {"sigma_w": ledger.sigma_w, "compressed_rank": ledger.compressed_rank}
                         for name, ledger in self.ledgers.items()},
@@ -415,6 +424,7 @@ class EditingSession:
                 weight.copy_(tensors[f"{name}::weight"].to(device=weight.device, dtype=weight.dtype))
         self.edits_done, self.steps_done = meta["edits_done"], meta["steps_done"]
         self.finished, self.restraints = meta["finished"], meta["restraints"]
+        self.edit_seconds = meta["edit_seconds"]
         if meta.get("prefixes") is not None and hasattr(self.editor, "_prefixes"):
             self.editor._prefixes = meta["prefixes"]
         torch.set_rng_state(tensors["__rng_state__"])
