@@ -103,7 +103,7 @@ def extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "--expt-relaxed-constexpr"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not __import__("torch").cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100, H100 when no GPU tells us
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # A100, H100 (+PTX: newer GPUs) when no GPU tells us
         include_dirs, library_dirs, libraries, link_args = cuda_math_libraries()
         return cpp_extension.CUDAExtension(
             "prune_ext._C",

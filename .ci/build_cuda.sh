@@ -41,7 +41,7 @@ echo "[build_cuda] CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tai
 links_cuda() { [ -n "$(ls prune_ext/_C*.so 2>/dev/null)" ] && readelf -d prune_ext/_C*.so | grep -q libc10_cuda; }
 if links_cuda; then echo "build_cuda: prune_ext/_C*.so is already a CUDA build (not the CPU venv's)" >&2; fi
 
-PRUNE_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
+PRUNE_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" \
   $PY setup.py -q build_ext --build-lib build/cuda-lib --build-temp build/cuda-temp
 cuda_so=$(ls build/cuda-lib/prune_ext/_C*.so | head -n 1)
 if links_cuda; then echo "build_cuda: the CUDA build overwrote the CPU venv's prune_ext/_C*.so" >&2; exit 1; fi

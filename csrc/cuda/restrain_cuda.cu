@@ -159,26 +159,25 @@ __global__ void summarize_kernel(const T* __restrict__ S, int64_t r, double thre
 }
 
 struct GesvdrResult {
-  Tensor left;    // m × r: left singular vectors of ΔW (strided view)
-  Tensor right;   // n × r: right singular vectors of ΔW (strided view)
+  Tensor left;    // rows × r: left singular vectors of X (strided view)
+  Tensor right;   // cols × r: right singular vectors of X (strided view)
   Tensor S;       // r singular values, descending
   Tensor before, after, stats;  // float64 on the device; stats has kNumStats + 1 entries (the last: info)
   int64_t k = 0;
   int info = 0;
 };
 
-// Top-r triplets of the m × n row-major float/double matrix `work` (destroyed). Row-major A is the
-// column-major n × m matrix Aᵀ = U' Σ V'ᵀ, so the left vectors of A are V' and the right ones U'.
+// Top-r triplets of the column-major rows × cols matrix X held in `work`, a row-major torch tensor of shape
+// {cols, rows} (that is, Xᵀ); `work` is destroyed.
 template <typename T>
 GesvdrResult gesvdr(Tensor& work, int64_t r, int64_t p, int64_t niters, double threshold, int64_t fn,
                     double param) {
-  const int64_t m = work.size(0), n = work.size(1);
-  const int64_t rows = n, cols = m;  // the column-major view cuSOLVER sees
+  const int64_t rows = work.size(1), cols = work.size(0);
   const auto opts = work.options();
   const c10::DeviceIndex device = work.device().index();
   SolverContext ctx = solver_context(device);
   // Output buffers as large as NVIDIA's sample (and CUDA.jl) allocate them for jobu = jobv = 'S':
-  // ldu × rows and ldv × cols. Column-major X (ld × c) is the row-major torch tensor {c, ld}.
+  // ldu × rows and ldv × cols. Column-major Y (ld × c) is the row-major torch tensor {c, ld}.
   Tensor S = at::empty({std::min(rows, cols)}, opts);
   Tensor Ub = at::empty({rows, rows}, opts);
   Tensor Vb = at::empty({cols, cols}, opts);
@@ -197,8 +196,8 @@ GesvdrResult gesvdr(Tensor& work, int64_t r, int64_t p, int64_t niters, double t
 
   GesvdrResult res;
   res.S = S.narrow(0, 0, r);
-  res.right = Ub.narrow(0, 0, r).t();  // n × r (U' of Aᵀ)
-  res.left = Vb.narrow(0, 0, r).t();   // m × r (V' of Aᵀ)
+  res.left = Ub.narrow(0, 0, r).t();   // rows × r, strides (1, rows)
+  res.right = Vb.narrow(0, 0, r).t();  // cols × r, strides (1, cols)
   auto dopts = opts.dtype(at::kDouble);
   res.before = at::empty({r}, dopts);
   res.after = at::empty({r}, dopts);
@@ -228,20 +227,25 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
   const int64_t m = delta.size(0), n = delta.size(1), pmin = std::min(m, n);
   const bool fixed = rank > 0;
   // Too small for a randomized SVD with any oversampling: the certified generic path (dense here).
-  if (delta.numel() == 0 || pmin < 2) return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed);
+  if (delta.numel() == 0 || pmin < 2)
+    return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed);
 
   const at::ScalarType ct = delta.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool flip = m > n;
   const int64_t p_max = std::min(oversample, pmin - 1);
   int64_t r = fixed ? std::min(rank, pmin) : std::max<int64_t>(1, std::min<int64_t>(32, pmin - p_max));
   while (true) {
     const int64_t p = std::min(p_max, pmin - r);
-    // gesvdr destroys its input: work on a row-major copy in the compute dtype.
-    Tensor work = at::empty({m, n}, delta.options().dtype(ct));
-    work.copy_(delta);
+    // gesvdr destroys its input: it gets a copy in the compute dtype, oriented so that the column-major
+    // matrix it sees is tall: X = ΔW when m > n, else X = ΔWᵀ. The buffer holds Xᵀ row-major.
+    Tensor work = at::empty({pmin, std::max(m, n)}, delta.options().dtype(ct));
+    work.copy_(flip ? delta.t() : delta);
     GesvdrResult res;
     AT_DISPATCH_FLOATING_TYPES(ct, "restrain_gesvdr_cuda", [&] {
       res = gesvdr<scalar_t>(work, r, p, power_iters, threshold, fn, param);
     });
+    const Tensor U_all = flip ? res.left : res.right;  // m × r: left singular vectors of ΔW
+    const Tensor V_all = flip ? res.right : res.left;  // n × r: right singular vectors of ΔW
     TORCH_CHECK(res.info == 0, "prune_ext: cusolverDnXgesvdr failed with info = ", res.info);
     if (!fixed && res.k == r) {  // every value found is above the threshold: more may be missing
       const int64_t grown = std::min(2 * r, pmin - p_max);
@@ -256,9 +260,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
     Tensor stats = res.stats.narrow(0, 0, kNumStats);
     if (k > 0) {
       Tensor left = at::empty({m, k}, delta.options().dtype(ct));
-      Tensor right = res.right.narrow(1, 0, k);
+      Tensor right = V_all.narrow(1, 0, k);
       AT_DISPATCH_FLOATING_TYPES(ct, "restrain_gesvdr_scale", [&] {
-        const Tensor U = res.left.narrow(1, 0, k);
+        const Tensor U = U_all.narrow(1, 0, k);
         shrink_scale_kernel<scalar_t><<<blocks_for(m * k), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             U.const_data_ptr<scalar_t>(), U.stride(0), U.stride(1), res.S.const_data_ptr<scalar_t>(),
             left.mutable_data_ptr<scalar_t>(), m, k, threshold, fn, param);
