@@ -44,6 +44,8 @@ constexpr int64_t kInitialRank = 64;     // first subspace size
 constexpr int64_t kGrowth = 4;           // subspace growth factor
 constexpr int64_t kDenseBelow = 96;      // min(m, n) at or below which a dense SVD is simply cheaper
 constexpr int64_t kRowBlockElems = 1 << 23;  // rows per block in residual passes: bounded memory
+constexpr int64_t kWidenBelow = 512;         // dense float32 matrices this small are done in float64…
+constexpr int64_t kWidenElems = 1 << 21;     // …if they also have at most this many entries
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -58,7 +60,7 @@ std::vector<double> to_host(const Tensor& t) {
 
 // Drawn on the CPU from a seeded generator, so a seed gives the same sketch on every device.
 Tensor gaussian(int64_t rows, int64_t cols, at::Generator& gen, const at::TensorOptions& opts) {
-  return at::randn({rows, cols}, gen, at::TensorOptions().dtype(at::kDouble)).to(opts);
+  return at::randn({rows, cols}, gen, at::TensorOptions().dtype(opts.dtype())).to(opts);
 }
 
 Tensor orthonormalize(const Tensor& Y) { return std::get<0>(at::linalg_qr(Y, "reduced")); }
@@ -84,9 +86,9 @@ struct Ritz {
   double sum_sq = 0;       // ‖B‖_F²
 };
 
-Ritz rayleigh_ritz(const Tensor& A, const Tensor& Q) {
+Ritz rayleigh_ritz(Tensor B) {
   Ritz r;
-  r.B = Q.t().mm(A);
+  r.B = std::move(B);
   Tensor Bd = r.B.to(at::kDouble);
   auto [evals, evecs] = at::linalg_eigh(Bd.mm(Bd.t()));
   r.Ub = evecs.flip(1);
@@ -112,6 +114,7 @@ double residual_frobenius(const Tensor& A, const Tensor& Q, const Tensor& B) {
 struct Outcome {
   Tensor left;   // m × k: U_k diag(σ − F(σ))  (compute dtype)
   Tensor right;  // n × k: V_k
+  Tensor replacement;  // or the whole restrained matrix (small dense case, computed in float64)
   std::vector<double> before, after;
   double stats[kNumStats] = {0, 0, 0, 0, 0, 0, 0, 0};
 };
@@ -133,7 +136,12 @@ int64_t count_above(const std::vector<double>& s, double t) {
 
 Outcome dense(const Tensor& A, double t, int64_t fn, double param) {
   Outcome out;
-  auto [U, S, Vh] = at::linalg_svd(A, false);
+  // Small float32 matrices are decomposed and corrected in float64 (cheap at this size): the result
+  // is then exact to its own rounding even when the restraint removes most of ΔW's norm.
+  const bool widen = A.scalar_type() == at::kFloat && std::min(A.size(0), A.size(1)) <= kWidenBelow &&
+                     A.numel() <= kWidenElems;
+  const Tensor Aw = widen ? A.to(at::kDouble) : A;
+  auto [U, S, Vh] = at::linalg_svd(Aw, false);
   const std::vector<double> s = to_host(S);
   const int64_t k = count_above(s, t);
   out.stats[kStatRestrained] = k;
@@ -144,7 +152,11 @@ Outcome dense(const Tensor& A, double t, int64_t fn, double param) {
   if (k == 0) return out;
   std::vector<double> shrink;
   shrink_values(s, k, t, fn, param, out, shrink);
-  Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(A.options());
+  Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(Aw.options());
+  if (widen) {
+    out.replacement = at::addmm(Aw, U.narrow(1, 0, k) * d, Vh.narrow(0, 0, k), 1, -1);
+    return out;
+  }
   out.left = U.narrow(1, 0, k) * d;
   out.right = Vh.narrow(0, 0, k).t();
   return out;
@@ -170,18 +182,20 @@ Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double pa
   int64_t powers = 0;
   if (fixed)
     for (; powers < power_iters; ++powers) Q = power_step(A, Q);
+  Tensor B = Q.t().mm(A);  // QᵀA, kept in step with Q (extended by rows as Q grows)
 
   // Grows the subspace by kGrowth (or to fit k + oversample), false when dense is cheaper.
   auto grow = [&](int64_t k) {
     const int64_t target = std::min(p, std::max(kGrowth * l, k + 2 * oversample));
     if (fixed || target > dense_cut) return false;
     Q = extend_basis(Q, A.mm(gaussian(n, target - l, gen, A.options())));
+    B = at::cat({B, Q.narrow(1, l, target - l).t().mm(A)}, 0);
     l = target;
     return true;
   };
 
   while (true) {
-    Ritz rr = rayleigh_ritz(A, Q);
+    Ritz rr = rayleigh_ritz(B);
     const int64_t k = count_above(rr.s, t);
     if (!fixed && k + oversample > l && l < p) {
       if (grow(k)) continue;
@@ -230,6 +244,7 @@ Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double pa
       if (!stagnated && powers < power_iters) {
         last_res = max_res;
         Q = power_step(A, Q);
+        B = Q.t().mm(A);
         ++powers;
         continue;
       }
@@ -283,7 +298,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
   }
 
   out = randomized(A, frob, threshold, fn, param, rank, oversample, power_iters, seed);
-  if (out.left.defined()) {
+  if (out.replacement.defined()) {
+    delta.copy_(out.replacement);
+  } else if (out.left.defined()) {
     A.addmm_(out.left, out.right.t(), 1, -1);
     if (!in_place) delta.copy_(A);
   }
