@@ -27,6 +27,7 @@ from .hooks import add_to_output, capture, stop_after
 from .hparams import ValueHyperParams
 from .models import editing_mode, get_module
 from .requests import EditRequest
+from .sampling import sample_tokens
 from .tokens import continuation_ids, encode_with_span, pad_id, pad_right
 
 __all__ = ["ValueResult", "generate_prefixes", "optimize_values", "subject_vectors"]
@@ -41,9 +42,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def generate_prefixes(
-    model: nn.Module, tokenizer: Any, lengths: Sequence[tuple[int, int]], seed: int = 0
-) -> list[str]:
+def generate_prefixes(model: nn.Module, tokenizer: Any, lengths: Sequence[tuple[int, int]], seed: int = 0) -> list[str]:
     """``[""]`` plus ``count`` sampled texts of about ``tokens`` tokens per ``(tokens, count)``.
 
     Each text ends with ``". "`` so that the prompt starts a new sentence after it. Texts are
@@ -51,7 +50,6 @@ def generate_prefixes(
     ROME/MEMIT code), seeded, so an editor's prefixes are reproducible.
     """
     prefixes = [""]
-    device = _device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     with editing_mode(model):
         for length, count in lengths:
@@ -61,21 +59,16 @@ def generate_prefixes(
             for start, n in zip(_PREFIX_STARTS, per_start):
                 if n == 0:
                     continue
-                ids = torch.tensor([tokenizer(start)["input_ids"]], device=device)
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(seed * 7919 + length * 31 + zlib.crc32(start.encode()))
-                    out = model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        do_sample=True,
-                        top_k=5,
-                        top_p=1.0,
-                        temperature=1.0,
-                        max_new_tokens=max(1, length - 1),
-                        num_return_sequences=n,
-                        pad_token_id=eos if isinstance(eos, int) else 0,
-                    )
-                for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+                out = sample_tokens(
+                    model,
+                    list(tokenizer(start)["input_ids"]),
+                    n,
+                    max(1, length - 1),
+                    top_k=5,
+                    seed=seed * 7919 + length * 31 + zlib.crc32(start.encode()),
+                    banned=eos if isinstance(eos, int) else None,
+                )
+                for text in tokenizer.batch_decode(out.tolist(), skip_special_tokens=True):
                     text = " ".join(text.replace("{", " ").replace("}", " ").split())
                     prefixes.append(text + ". ")
     return prefixes
@@ -253,10 +246,7 @@ def optimize_values(
                 ).last_hidden_state
             log_probs = _logits(model, hidden_states[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
             picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
-            nll = (
-                -torch.zeros(len(active), device=device).index_add(0, batch.tgt_owner, picked)
-                / batch.nll_norm
-            )
+            nll = -torch.zeros(len(active), device=device).index_add(0, batch.tgt_owner, picked) / batch.nll_norm
             kl_logp = _logits(model, hidden_states[batch.kl_rows, batch.kl_pos]).log_softmax(-1)
             if step == 0:
                 v0 = seen[0][batch.bare_rows, batch.lookup[batch.bare_rows]].to(torch.float32)

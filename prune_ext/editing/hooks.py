@@ -22,9 +22,7 @@ def _main(output: Any) -> torch.Tensor:
 
 
 @contextmanager
-def capture(
-    module: nn.Module, store: Callable[[torch.Tensor], None], *, output: bool = False
-) -> Iterator[None]:
+def capture(module: nn.Module, store: Callable[[torch.Tensor], None], *, output: bool = False) -> Iterator[None]:
     """Call ``store(tensor)`` with the module's first input (or its main output) on each forward."""
     if output:
         handle = module.register_forward_hook(lambda _m, _i, out: store(_main(out)))

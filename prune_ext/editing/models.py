@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,20 +96,24 @@ def model_id(model: nn.Module) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's config and a strided sample of its input embeddings.
+    """A short hash of the model's parameter names, shapes and a strided sample of their values.
 
-    The editors never touch the embeddings, so the fingerprint survives edits, while two random
-    models with the same config differ.
+    The MLP output matrices (what the editors and the restraint change) are left out, so the
+    fingerprint survives edits, while two random models with the same config differ and a model
+    saved and loaded again keeps its fingerprint.
     """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is not None:
-        weight = embed.weight.detach()
-        rows = weight[:: max(1, weight.shape[0] // 256)]
-        digest.update(rows.to(torch.float32).cpu().contiguous().numpy().tobytes())
+    try:
+        edited = re.compile(re.escape(arch_spec(model).mlp_out_template).replace(r"\{\}", r"\d+"))
+    except ValueError:
+        edited = None
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, param in model.named_parameters():
+        if edited is not None and edited.fullmatch(name.rpartition(".")[0]):
+            continue
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float32).cpu()
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -180,9 +185,7 @@ def weight_is_transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def make_update(
-    model: nn.Module, name: str, out_factor: torch.Tensor, in_factor: torch.Tensor
-) -> LowRankUpdate:
+def make_update(model: nn.Module, name: str, out_factor: torch.Tensor, in_factor: torch.Tensor) -> LowRankUpdate:
     """The update ``out_factor @ in_factor.T`` (an (out, in) matrix) in ``name``'s stored layout."""
     module = get_module(model, name)
     out_factor = out_factor.detach().to(torch.float32).reshape(out_factor.shape[0], -1)
@@ -192,9 +195,7 @@ def make_update(
     else:
         update = LowRankUpdate(name, out_factor, in_factor)
     if tuple(update.shape) != tuple(module.weight.shape):
-        raise ValueError(
-            f"update of shape {update.shape} does not fit {name}.weight {tuple(module.weight.shape)}"
-        )
+        raise ValueError(f"update of shape {update.shape} does not fit {name}.weight {tuple(module.weight.shape)}")
     return update
 
 

@@ -210,9 +210,7 @@ def _parse_counterfact_native(record: Mapping[str, Any], where: str) -> EditRequ
         neighborhood_prompts=neighborhood,
         neighborhood_answers=(target_true,) * len(neighborhood) if target_true else (),
         case_id=record.get("case_id"),
-        extra={
-            k: record[k] for k in ("attribute_prompts", "generation_prompts", "relation_id") if k in record
-        },
+        extra={k: record[k] for k in ("attribute_prompts", "generation_prompts", "relation_id") if k in record},
     )
 
 
