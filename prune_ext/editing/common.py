@@ -207,6 +207,35 @@ class _Batch:
         self.bare_rows = t(bare)
 
 
+def _forward(
+    model: nn.Module, module: nn.Module, batch: _Batch, deltas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states with ``deltas[owner]`` added to the module's output at each row's
+    subject, and the module's unmodified output."""
+    seen: list[torch.Tensor] = []
+
+    def make_delta(out: torch.Tensor) -> torch.Tensor:
+        seen.append(out.detach())
+        add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        return add.index_put((batch.rows, batch.lookup), deltas[batch.owner])
+
+    with add_to_output(module, make_delta):
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False)
+    return hidden.last_hidden_state, seen[0]
+
+
+def _target_nll_and_kl_logp(
+    model: nn.Module, batch: _Batch, hidden: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per problem: mean NLL of the target tokens over its rewriting rows, and the
+    log-distribution after the subject in its KL row."""
+    log_probs = _logits(model, hidden[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
+    picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
+    summed = torch.zeros(n, device=hidden.device).index_add(0, batch.tgt_owner, picked)
+    kl_logp = _logits(model, hidden[batch.kl_rows, batch.kl_pos]).log_softmax(-1)
+    return -summed / batch.nll_norm, kl_logp
+
+
 def optimize_values(
     model: nn.Module,
     tokenizer: Any,
@@ -215,54 +244,37 @@ def optimize_values(
     prefixes: Sequence[str],
     hparams: ValueHyperParams,
 ) -> ValueResult:
-    """Optimise one δ per request on the output of ``module_name`` (see the module docstring)."""
+    """Optimise one δ per request on the output of ``module_name`` (see the module docstring).
+
+    A request stops (keeping its current δ) once its loss is below ``hparams.loss_stop``, as
+    in the authors' code; the others go on sharing the forward passes.
+    """
     device = _device(model)
     module = get_module(model, module_name)
     problems = [_problem(tokenizer, r, prefixes) for r in requests]
-    n, hidden = len(problems), model.config.hidden_size
-    deltas = [torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True) for _ in range(n)]
+    n, pad = len(problems), pad_id(tokenizer)
+    deltas = [torch.zeros(model.config.hidden_size, device=device, requires_grad=True) for _ in range(n)]
     optims = [torch.optim.Adam([d], lr=hparams.v_lr) for d in deltas]
-    init: list[torch.Tensor | None] = [None] * n
-    kl_init: list[torch.Tensor | None] = [None] * n
+    init: list[torch.Tensor] = []
+    kl_init: list[torch.Tensor] = []
     nll_final, steps = [float("nan")] * n, [0] * n
     active = list(range(n))
-    pad = pad_id(tokenizer)
     with editing_mode(model):
         for step in range(hparams.v_num_grad_steps):
             batch = _Batch([problems[i] for i in active], pad, device)
-            stacked = torch.stack([deltas[i] for i in active])
-            seen: list[torch.Tensor] = []
-
-            def make_delta(
-                out: torch.Tensor, batch: _Batch = batch, stacked: torch.Tensor = stacked, seen: list = seen
-            ) -> torch.Tensor:
-                seen.append(out.detach())
-                add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-                return add.index_put((batch.rows, batch.lookup), stacked[batch.owner])
-
-            with add_to_output(module, make_delta):
-                hidden_states = model.base_model(
-                    input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False
-                ).last_hidden_state
-            log_probs = _logits(model, hidden_states[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
-            picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
-            nll = -torch.zeros(len(active), device=device).index_add(0, batch.tgt_owner, picked) / batch.nll_norm
-            kl_logp = _logits(model, hidden_states[batch.kl_rows, batch.kl_pos]).log_softmax(-1)
-            if step == 0:
-                v0 = seen[0][batch.bare_rows, batch.lookup[batch.bare_rows]].to(torch.float32)
-                for j, i in enumerate(active):
-                    init[i], kl_init[i] = v0[j], kl_logp[j].detach()
-            total = torch.zeros((), device=device)
-            still = []
+            hidden, out = _forward(model, module, batch, torch.stack([deltas[i] for i in active]))
+            nll, kl_logp = _target_nll_and_kl_logp(model, batch, hidden, len(active))
+            if step == 0:  # δ = 0: the unedited value and next-token distribution
+                init = list(out[batch.bare_rows, batch.lookup[batch.bare_rows]].to(torch.float32))
+                kl_init = list(kl_logp.detach())
+            total, still = torch.zeros((), device=device), []
             for j, i in enumerate(active):
                 kl = F.kl_div(kl_init[i], kl_logp[j], log_target=True, reduction="sum")
                 decay = hparams.v_weight_decay * deltas[i].norm() / init[i].norm() ** 2
                 loss = nll[j] + hparams.kl_factor * kl + decay
                 nll_final[i], steps[i] = float(nll[j].detach()), step
-                if loss.item() < hparams.loss_stop or step == hparams.v_num_grad_steps - 1:
-                    continue
-                total = total + loss
-                still.append(i)
+                if loss.item() >= hparams.loss_stop and step < hparams.v_num_grad_steps - 1:
+                    total, still = total + loss, [*still, i]
             if not still:
                 break
             total.backward()
@@ -271,12 +283,7 @@ def optimize_values(
                 optims[i].zero_grad()
                 _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
             active = still
-    return ValueResult(
-        torch.stack([v for v in init if v is not None]),
-        torch.stack([d.detach() for d in deltas]),
-        nll_final,
-        steps,
-    )
+    return ValueResult(torch.stack(init), torch.stack([d.detach() for d in deltas]), nll_final, steps)
 
 
 @torch.no_grad()
