@@ -265,7 +265,8 @@ def test_opcheck_cuda():
     torch.library.opcheck(ops.restrain_many_.default, ([d.clone(), d.clone()], [t, 2 * t], 1, 2.0, 0, 10, 8, 0))
     torch.library.opcheck(ops.restrain_values.default,
                           (torch.linspace(0, 5, 11, dtype=torch.float64, device="cuda"), t, 0, 1.2))
-    torch.library.opcheck(ops.factored_svd.default, (torch.randn(40, 5, device="cuda"), torch.randn(30, 5, device="cuda")))
+    torch.library.opcheck(ops.factored_svd.default,
+                          (torch.randn(40, 5, device="cuda"), torch.randn(30, 5, device="cuda")))
     torch.library.opcheck(ops.spectral_norm.default, (d, 1e-6, 50, 0))
 
 
