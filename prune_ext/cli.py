@@ -69,15 +69,18 @@ def _demo(args: argparse.Namespace) -> int:
     from .report import load_run, summary_table, write_report
 
     out = Path(args.out)
-    try:  # perplexity on held-out text, when the shared data folder is there
+    try:  # perplexity on held-out text, and NQ passages for the key statistics, when the data is there
         task_file("perplexity", None)
         tasks = ["perplexity"]
     except (FileNotFoundError, ValueError):
         tasks = []
-        print(f"(no task data at {resolve_data_dir(None)}: skipping perplexity)")
+        print(f"(no task data at {resolve_data_dir(None)}: skipping perplexity; key statistics from model samples)")
+    nq = resolve_data_dir(None) / "tasks" / "nq-open.jsonl"
+    corpus = str(nq) if nq.is_file() else None
     config = ExperimentConfig(
         out=str(out / "prune"), unrestrained_out=str(out / "no-prune"), editor="rome", num_edits=args.num_edits,
         restrain="log", alpha=1.2, eval_every=max(1, args.num_edits // 3), tasks=tasks, limit=20, only_known=True,
+        corpus=corpus,
     )
     run_experiment(config)
     folders = [out / "prune", out / "no-prune"]
