@@ -8,6 +8,10 @@ efficacy: P(new target) > P(true target) on the edit prompt) and that the return
 reproduce the change of the weights, then reports the time. The model is restored between rows.
 Key statistics are computed cold in a fresh temporary cache folder (all MEMIT layers, which
 include the ROME layer, in one pass) and then loaded from it.
+
+On a 2-core machine that other processes also use, two torch threads make the small sequential
+steps (sampling the context prefixes, MEMIT batches of 1) an order of magnitude slower than
+one thread (OpenMP threads waiting for a busy core); compare ``--threads 1``.
 """
 
 from __future__ import annotations

@@ -196,9 +196,7 @@ def test_data_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert data_dir() == tmp_path
 
 
-_text = st.text(
-    st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), min_size=1, max_size=12
-)
+_text = st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), min_size=1, max_size=12)
 
 
 @given(before=_text, subject=_text.filter(str.strip), after=_text, target=_text.filter(str.strip))
