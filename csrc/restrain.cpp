@@ -31,6 +31,11 @@ void check_restraint_args(double threshold, int64_t fn, double param) {
                     " must be a finite number > 1, got ", param);
 }
 
+void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters) {
+  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0,
+                    "prune_ext: rank, oversample and power_iters must be >= 0");
+}
+
 void check_matrix(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, "prune_ext: ", name, " must be a 2-D matrix, got ", t.dim(), " dimensions");
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "prune_ext: ", name,
@@ -271,8 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
                                              int64_t seed) {
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
-  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0,
-                    "prune_ext: rank, oversample and power_iters must be >= 0");
+  check_sketch_args(rank, oversample, power_iters);
   Outcome out;
   out.stats[kStatCertified] = 1;
   if (delta.numel() == 0) return pack(out, delta.device());

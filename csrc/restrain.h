@@ -39,5 +39,6 @@ at::Tensor spectral_norm(const at::Tensor& W, double rtol, int64_t max_iters, in
 // Argument checks shared by every backend (raise ValueError / TypeError in Python).
 void check_restraint_args(double threshold, int64_t fn, double param);
 void check_matrix(const at::Tensor& t, const char* name);
+void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
 
 }  // namespace prune_ext

@@ -219,8 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
                                                         int64_t seed) {
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
-  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0,
-                    "prune_ext: rank, oversample and power_iters must be >= 0");
+  check_sketch_args(rank, oversample, power_iters);
   TORCH_CHECK_VALUE(delta.is_cuda(), "prune_ext: the gesvdr method (cuSOLVER) needs a CUDA tensor, got ",
                     delta.device());
   c10::cuda::CUDAGuard guard(delta.device());
