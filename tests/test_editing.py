@@ -472,3 +472,46 @@ def test_smollm2_memit_batch_of_10(smollm2: tuple[Any, Any]) -> None:
     assert [u.module for u in updates] == names
     assert all(u.rank <= 10 for u in updates)
     assert sum(wins) >= 8, wins
+
+
+# ---------------------------------------------------------------------------------------------
+# the value optimisation's split forward pass
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_split_forward_equals_a_plain_forward(arch: str, gpt2_tokenizer: Any) -> None:
+    """The part before each subject runs once as a KV cache; the rest must see exactly what a plain
+    right-padded forward pass with δ added at each subject's last token sees."""
+    from prune_ext.editing import common
+    from prune_ext.editing.hooks import add_to_output
+    from prune_ext.editing.models import get_module
+    from prune_ext.editing.tokens import pad_id, pad_right
+
+    model = tiny_model(arch, gpt2_tokenizer, seed=3)
+    module_name = RomeHyperParams.for_model(model).module_name
+    module = get_module(model, module_name)
+    prefixes = ["", "Once upon a time there was a king. ", "I. "]
+    problems = [common._problem(gpt2_tokenizer, r, prefixes) for r in as_requests(REQUESTS)]
+    batch = common._Batch(problems, pad_id(gpt2_tokenizer), torch.device("cpu"))
+    batch.run_prefix(model)
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(len(problems), model.config.hidden_size, generator=g)
+    with torch.no_grad():
+        hidden, out = common._forward(model, module, batch, deltas)
+
+    seqs = [s for p in problems for s in p.seqs]
+    lookup = torch.tensor([at for p in problems for at in p.lookup])
+    owner = torch.tensor([j for j, p in enumerate(problems) for _ in p.seqs])
+    ids, mask = pad_right(seqs, pad_id(gpt2_tokenizer))
+    rows = torch.arange(len(seqs))
+    seen: list[torch.Tensor] = []
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h[rows, lookup])
+        return torch.zeros_like(h).index_put((rows, lookup), deltas[owner])
+
+    with torch.no_grad(), add_to_output(module, add):
+        plain = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, seen[0], rtol=1e-5, atol=1e-6)
+    for row, (seq, at) in enumerate(zip(seqs, lookup.tolist())):
+        torch.testing.assert_close(hidden[row, : len(seq) - at], plain[row, at : len(seq)], rtol=1e-4, atol=1e-5)

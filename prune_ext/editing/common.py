@@ -14,6 +14,7 @@ state, so the result equals optimising them one by one) to share forward passes.
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,7 +170,15 @@ def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _Batch:
-    """Padded rows of the active problems, with the index tensors the losses need."""
+    """The rows of the active problems, split at each row's subject (its last token).
+
+    δ enters at the subject's last token and attention is causal, so everything before it is the
+    same at every optimisation step: that part (``prefix_ids``) runs once and is kept as a key/value
+    cache; each step runs only the tokens from the subject's last token on (``suffix_ids``, ~5 per
+    row instead of ~20). Rows are left-padded so that every subject's last token sits in the first
+    suffix column; positions are counted over real tokens only, so results equal a plain right-padded
+    forward pass.
+    """
 
     def __init__(self, problems: Sequence[_Problem], pad: int, device: torch.device) -> None:
         seqs, lookup, owner, tgt_rows, tgt_pos, tgt_ids, tgt_owner, kl_rows, bare = ([] for _ in range(9))
@@ -182,45 +191,85 @@ class _Batch:
             for i, first in enumerate(prob.first_target_pos):
                 for t, tok in enumerate(prob.target_ids):
                     tgt_rows.append(base + i)
-                    tgt_pos.append(first + t)
+                    tgt_pos.append(first + t - prob.lookup[i])  # in suffix columns
                     tgt_ids.append(tok)
                     tgt_owner.append(j)
             kl_rows.append(base + prob.n_rewrite)
-        self.input_ids, self.mask = pad_right(seqs, pad, device)
+        split = max(lookup)
+        width = max(len(s) - at for s, at in zip(seqs, lookup))
+        self.prefix_ids = torch.full((len(seqs), split), pad, dtype=torch.long)
+        self.suffix_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        self.mask = torch.zeros((len(seqs), split + width), dtype=torch.long)
+        for row, (seq, at) in enumerate(zip(seqs, lookup)):
+            self.prefix_ids[row, split - at :] = torch.tensor(seq[:at], dtype=torch.long)
+            self.suffix_ids[row, : len(seq) - at] = torch.tensor(seq[at:], dtype=torch.long)
+            self.mask[row, split - at : split + len(seq) - at] = 1
+        self.positions = (self.mask.cumsum(1) - 1).clamp_min(0)
+        self.prefix_ids, self.suffix_ids, self.mask, self.positions = (
+            x.to(device) for x in (self.prefix_ids, self.suffix_ids, self.mask, self.positions)
+        )
+        self.split = split
 
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         self.rows = torch.arange(len(seqs), device=device)
-        self.lookup, self.owner = t(lookup), t(owner)
+        self.owner = t(owner)
         self.tgt_rows, self.tgt_pos, self.tgt_ids, self.tgt_owner = (
             t(tgt_rows),
             t(tgt_pos),
             t(tgt_ids),
             t(tgt_owner),
         )
-        self.kl_rows, self.kl_pos = t(kl_rows), self.lookup[t(kl_rows)]
+        self.kl_rows = t(kl_rows)
         # per problem: rewriting rows × target length, to turn summed log-probs into means
         self.nll_norm = torch.tensor(
             [p.n_rewrite * len(p.target_ids) for p in problems], dtype=torch.float32, device=device
         )
         self.bare_rows = t(bare)
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def run_prefix(self, model: nn.Module) -> None:
+        """Run the part before every subject once and keep its keys and values."""
+        if self.split == 0:
+            return
+        out = model.base_model(
+            input_ids=self.prefix_ids,
+            attention_mask=self.mask[:, : self.split],
+            position_ids=self.positions[:, : self.split],
+            use_cache=True,
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        self.cache = [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _forward(
     model: nn.Module, module: nn.Module, batch: _Batch, deltas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states with ``deltas[owner]`` added to the module's output at each row's
-    subject, and the module's unmodified output."""
+    """Final hidden states of the suffix columns with ``deltas[owner]`` added to the module's output
+    at each row's subject (suffix column 0), and the module's unmodified output there."""
+    from transformers import DynamicCache
+
     seen: list[torch.Tensor] = []
 
     def make_delta(out: torch.Tensor) -> torch.Tensor:
-        seen.append(out.detach())
+        seen.append(out[:, 0].detach())
         add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        return add.index_put((batch.rows, batch.lookup), deltas[batch.owner])
+        return add.index_put((batch.rows, torch.zeros_like(batch.rows)), deltas[batch.owner])
 
+    kwargs: dict[str, Any] = {}
+    if batch.cache is not None:  # a fresh cache each step: a forward pass appends to the cache it is given
+        # transformers 5 names the argument `cache`, earlier versions `past_key_values`
+        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+        kwargs = {name: DynamicCache(batch.cache, config=model.config), "use_cache": True}
     with add_to_output(module, make_delta):
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.mask, use_cache=False)
+        hidden = model.base_model(
+            input_ids=batch.suffix_ids,
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, batch.split :],
+            **kwargs,
+        )
     return hidden.last_hidden_state, seen[0]
 
 
@@ -232,7 +281,7 @@ def _target_nll_and_kl_logp(
     log_probs = _logits(model, hidden[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
     picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
     summed = torch.zeros(n, device=hidden.device).index_add(0, batch.tgt_owner, picked)
-    kl_logp = _logits(model, hidden[batch.kl_rows, batch.kl_pos]).log_softmax(-1)
+    kl_logp = _logits(model, hidden[batch.kl_rows, 0]).log_softmax(-1)
     return -summed / batch.nll_norm, kl_logp
 
 
@@ -259,13 +308,16 @@ def optimize_values(
     kl_init: list[torch.Tensor] = []
     nll_final, steps = [float("nan")] * n, [0] * n
     active = list(range(n))
+    batch: _Batch | None = None
     with editing_mode(model):
         for step in range(hparams.v_num_grad_steps):
-            batch = _Batch([problems[i] for i in active], pad, device)
+            if batch is None:  # rebuilt (and its prefix rerun) only when the active set changes
+                batch = _Batch([problems[i] for i in active], pad, device)
+                batch.run_prefix(model)
             hidden, out = _forward(model, module, batch, torch.stack([deltas[i] for i in active]))
             nll, kl_logp = _target_nll_and_kl_logp(model, batch, hidden, len(active))
             if step == 0:  # δ = 0: the unedited value and next-token distribution
-                init = list(out[batch.bare_rows, batch.lookup[batch.bare_rows]].to(torch.float32))
+                init = list(out[batch.bare_rows].to(torch.float32))
                 kl_init = list(kl_logp.detach())
             total, still = torch.zeros((), device=device), []
             for j, i in enumerate(active):
@@ -282,7 +334,8 @@ def optimize_values(
                 optims[i].step()
                 optims[i].zero_grad()
                 _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
-            active = still
+            if still != active:
+                batch, active = None, still
     return ValueResult(torch.stack(init), torch.stack([d.detach() for d in deltas]), nll_final, steps)
 
 
