@@ -37,6 +37,7 @@ from prune_ext.editing import (
     load_model,
 )
 from prune_ext.editing.requests import data_dir
+from prune_ext.session import EditingSession
 from prune_ext.updates import LowRankUpdate
 
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memit-batch1", type=int, default=2, help="MEMIT batches of 1 to time")
     parser.add_argument("--memit-batch", type=int, default=10, help="size of the large MEMIT batch")
     parser.add_argument("--n-samples", type=int, default=50_000, help="tokens in the key statistics")
+    parser.add_argument("--session-edits", type=int, default=5, help="ROME edits with PRUNE after every edit")
     parser.add_argument(
         "--corpus", default=None, help="statistics corpus (default: ../shared/data/tasks if present, else samples)"
     )
@@ -142,6 +144,39 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.mean(times):.1f} s",
                 f"{len(times)} sequential edits (min {min(times):.1f} s), layer {rome_hp.layer}, "
                 f"efficacy {ok}/{len(times)}",
+            )
+        )
+
+        # PRUNE after every edit (the paper's "multiple"): the session's restraint time per edit, and
+        # the cost of a restraint that does change values (factored ΔW of rank 200, 20 above σ_W)
+        session = EditingSession(model, tok, rome, restrain="log", alpha=1.2, every=1, progress=False)
+        session.run(requests[: args.session_edits])
+        restrain_s = [r["seconds"] for r in session.restraints[:-1] or session.restraints]
+        per_edit = session.edit_seconds / session.edits_done
+        rows.append(
+            (
+                "PRUNE after every edit, per edit",
+                f"{1e3 * statistics.mean(restrain_s):.2f} ms",
+                f"{100 * statistics.mean(restrain_s) / per_edit:.3f} % of the ROME edit ({per_edit:.1f} s), "
+                f"{session.edits_done} edits",
+            )
+        )
+        snap.restore()
+        ledger = session.ledgers[rome_hp.module_name]
+        g = torch.Generator().manual_seed(0)
+        m, n = ledger.original.shape
+        left = torch.linalg.qr(torch.randn(m, 200, generator=g))[0] * torch.logspace(1, -2, 200)[None] * ledger.sigma_w
+        right = torch.linalg.qr(torch.randn(n, 200, generator=g))[0]
+        ledger.left, ledger.right = left, right
+        _, t_heavy = timed(session.restrain_now)
+        snap.restore()
+        k = session.restraints[-1]["restrained"][rome_hp.module_name]
+        rows.append(
+            (
+                "PRUNE restraint that changes values",
+                f"{1e3 * t_heavy:.1f} ms",
+                f"{m}x{n}, ΔW of rank 200 with {k} values above σ_W, "
+                f"{100 * t_heavy / per_edit:.2f} % of the ROME edit",
             )
         )
 

@@ -270,8 +270,11 @@ class EditingSession:
         return self
 
     def finish(self) -> None:
-        """The schedule's last restraint (the paper's main setting: once, after the last edit)."""
-        if self.restrain != "none" and not self.finished:
+        """The schedule's last restraint: once, after the last edit (the paper's main setting); with
+        ``every`` k, only if edits came after the last restraint (restraining twice in a row would
+        shrink the restrained values again)."""
+        pending = self.every is None or self.steps_done % self.every != 0
+        if self.restrain != "none" and not self.finished and pending:
             self.restrain_now()
         self.finished = True
         if self.checkpoint is not None:

@@ -72,7 +72,7 @@ def run_session(tok, cache, *, arch="gpt2", dtype=torch.float32, **kw):
     return model, session
 
 
-@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("every", [1, 3, 4])
 def test_every_k_edits_restrains_the_cumulative_update(tok, cache, every):
     model, session = run_session(tok, cache, every=every, alpha=1.2)
     name = session.editor.hparams.module_name
@@ -88,6 +88,15 @@ def test_every_k_edits_restrains_the_cumulative_update(tok, cache, every):
         torch.testing.assert_close(weight, ledger.weight(), rtol=1e-5, atol=1e-6)
     assert len(session.restraints) == 6 // every
     assert any(sum(r["restrained"].values()) > 0 for r in session.restraints), "edits too small to test"
+    # the last step was a restraint: finishing must not restrain again; otherwise it restrains the rest
+    before = ledger.delta().clone()
+    session.finish()
+    assert len(session.restraints) == 6 // every + (6 % every != 0)
+    if 6 % every == 0:
+        assert torch.equal(ledger.delta(), before)
+    else:
+        delta = reference.restrain(delta, ledger.sigma_w, 1.2)
+        assert (ledger.delta().double() - delta).norm() / delta.norm() < 1e-5
 
 
 def test_once_at_the_end_yields_both_models(tok, cache):
