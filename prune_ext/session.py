@@ -147,8 +147,9 @@ class EditingSession:
             that applies its updates to ``model``.
         hparams: editor hyper-parameters (or a dict of overrides of the model's defaults).
         restrain: ``"none"``, ``"log"`` (the paper's F, with ``alpha``) or ``"linear"`` (with ``beta``).
-        every: restrain every ``every`` edits (1: after every edit, the paper's "multiple"); ``None``:
-            once, after the last edit (:meth:`finish`; the paper's main setting).
+        every: restrain every ``every`` edits (1: after every edit, the paper's "multiple"; a MEMIT
+            batch that reaches a multiple of ``every`` is followed by a restraint); ``None``: once,
+            after the last edit (:meth:`finish`; the paper's main setting).
         max_rank: recompress the factors when their rank passes this (default 64 + min(m, n) // 8).
         checkpoint: a file to save the session to (atomically) every ``save_every`` edits and on
             interrupt; if it exists, the session resumes from it.
@@ -226,8 +227,11 @@ class EditingSession:
             ledger = self.ledgers[upd.module]
             ledger.append(upd, self.max_rank or 64 + min(ledger.original.shape) // 8)
         self.steps_done += 1
+        before = self.edits_done
         self.edits_done += len(request) if isinstance(request, (list, tuple)) else 1
-        if self.restrain != "none" and self.every is not None and self.steps_done % self.every == 0:
+        # every k *edits* (requests), also when a MEMIT batch holds several: restrain when this step
+        # crossed a multiple of k
+        if self.restrain != "none" and self.every is not None and self.edits_done // self.every > before // self.every:
             self.restrain_now()
         return updates
 
@@ -273,7 +277,7 @@ class EditingSession:
         """The schedule's last restraint: once, after the last edit (the paper's main setting); with
         ``every`` k, only if edits came after the last restraint (restraining twice in a row would
         shrink the restrained values again)."""
-        pending = self.every is None or self.steps_done % self.every != 0
+        pending = not self.restraints or self.restraints[-1]["edits"] != self.edits_done
         if self.restrain != "none" and not self.finished and pending:
             self.restrain_now()
         self.finished = True

@@ -197,3 +197,31 @@ def test_killed_run_resumes_to_the_same_weights(tok, cache, tmp_path):
     ref.run(REQUESTS)
     for name in ref.ledgers:
         assert torch.equal(model.get_submodule(name).weight, ref_model.get_submodule(name).weight)
+
+
+class _BatchEditor:
+    """A stand-in batch editor (like MEMIT): one rank-len(batch) update of a linear layer per call."""
+
+    def __init__(self, model: torch.nn.Linear) -> None:
+        self.model, self.g = model, torch.Generator().manual_seed(0)
+
+    def edit(self, batch):
+        r = len(batch)
+        update = LowRankUpdate("0", 3 * torch.randn(20, r, generator=self.g), torch.randn(30, r, generator=self.g))
+        with torch.no_grad():
+            self.model[0].weight += update.dense()
+        return [update]
+
+
+@pytest.mark.parametrize(("n", "batch", "every", "expected"), [
+    (100, 10, 25, [30, 50, 80, 100]),  # a batch that crosses a multiple of k is followed by a restraint
+    (30, 4, 8, [8, 16, 24, 30]),  # the last 6 edits come after the last scheduled one: finish() restrains
+    (15, 3, 1, [3, 6, 9, 12, 15]),
+])
+def test_every_counts_edits_not_batches(n, batch, every, expected):
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20))
+    session = EditingSession(model, None, _BatchEditor(model), restrain="log", every=every, progress=False)
+    session.method = "memit"  # batches of requests per step
+    session.run(list(range(n)), batch_size=batch)
+    assert [r["edits"] for r in session.restraints] == expected
+    assert sum(r["restrained"]["0"] for r in session.restraints) > 0, "updates too small to test"
