@@ -83,12 +83,12 @@ Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
 Tensor power_step(const Tensor& A, const Tensor& Q) { return orthonormalize(A.mm(orthonormalize(A.t().mm(Q)))); }
 
 // Rayleigh–Ritz on span(Q): B = QᵀA and the SVD of B via its l × l Gram matrix in float64
-// (float64 keeps every value above ~1e-7 σ1 accurate, far below any threshold of interest).
+// (float64 keeps every value above ~1e-7 σ1 accurate, far below any threshold of interest). Everything
+// stays on the device; the host reads the values together with the residual (one transfer a round).
 struct Ritz {
-  Tensor B;                // l × n, compute dtype
-  Tensor Ub;               // l × l left singular vectors of B (float64), columns in descending order
-  std::vector<double> s;   // singular values of B, descending
-  double sum_sq = 0;       // ‖B‖_F²
+  Tensor B;   // l × n, compute dtype
+  Tensor Ub;  // l × l left singular vectors of B (float64), columns in descending order
+  Tensor s;   // singular values of B (float64), descending
 };
 
 Ritz rayleigh_ritz(Tensor B) {
@@ -97,14 +97,14 @@ Ritz rayleigh_ritz(Tensor B) {
   Tensor Bd = r.B.to(at::kDouble);
   auto [evals, evecs] = at::linalg_eigh(Bd.mm(Bd.t()));
   r.Ub = evecs.flip(1);
-  r.s = to_host(evals.flip(0).clamp_min(0).sqrt());
-  for (double v : r.s) r.sum_sq += v * v;
+  r.s = evals.flip(0).clamp_min(0).sqrt();
   return r;
 }
 
-// ‖A − QB‖_F, computed explicitly in row blocks (the formula ‖A‖_F² − ‖B‖_F² loses everything to
-// cancellation exactly when the residual is small, which is when it matters).
-double residual_frobenius(const Tensor& A, const Tensor& Q, const Tensor& B) {
+// ‖A − QB‖_F² as a float64 device scalar, computed explicitly in row blocks (the formula
+// ‖A‖_F² − ‖B‖_F² loses everything to cancellation exactly when the residual is small, which is when
+// it matters).
+Tensor residual_sq(const Tensor& A, const Tensor& Q, const Tensor& B) {
   const int64_t m = A.size(0);
   const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, A.size(1)));
   Tensor acc = at::zeros({}, A.options().dtype(at::kDouble));
@@ -113,7 +113,7 @@ double residual_frobenius(const Tensor& A, const Tensor& Q, const Tensor& B) {
     Tensor R = at::addmm(A.narrow(0, r0, nr), Q.narrow(0, r0, nr), B, 1, -1);
     acc += at::linalg_vector_norm(R, 2).to(at::kDouble).square();
   }
-  return std::sqrt(acc.item<double>());
+  return acc;
 }
 
 struct Outcome {
@@ -137,6 +137,21 @@ void shrink_values(const std::vector<double>& s, int64_t k, double t, int64_t fn
 
 int64_t count_above(const std::vector<double>& s, double t) {
   return std::count_if(s.begin(), s.end(), [t](double v) { return v > t; });
+}
+
+// The checks every path starts with, on ‖ΔW‖_F: NaN or Inf is an error (nothing written yet), and
+// ‖ΔW‖_F ≤ t means σmax ≤ t: nothing can be above the threshold (returns true, `out` says so).
+bool nothing_above(double frob, const Tensor& A, double t, Outcome& out) {
+  if (!std::isfinite(frob)) {
+    TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: delta contains NaN or Inf");
+    TORCH_CHECK_VALUE(false, "prune_ext: ‖delta‖_F overflows ", A.scalar_type(), "; scale it down first");
+  }
+  if (frob > t) return false;
+  out.stats[kStatCertified] = 1;
+  out.stats[kStatMethod] = kMethodNormBound;
+  out.stats[kStatSigmaNextBound] = frob;
+  out.stats[kStatResidual] = frob;
+  return true;
 }
 
 Outcome dense(const Tensor& A, double t, int64_t fn, double param) {
@@ -167,20 +182,23 @@ Outcome dense(const Tensor& A, double t, int64_t fn, double param) {
   return out;
 }
 
-Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double param, int64_t rank,
+// The restraint of A (float32 or float64, BLAS layout). ‖A‖_F (`frob_d`, a device scalar) is read
+// together with the first round's values and residual: a certified low-rank input costs one
+// device-to-host transfer. Small matrices go dense.
+Outcome randomized(const Tensor& A, const Tensor& frob_d, double t, int64_t fn, double param, int64_t rank,
                    int64_t oversample, int64_t power_iters, int64_t seed) {
   const int64_t m = A.size(0), n = A.size(1), p = std::min(m, n);
   const bool fixed = rank > 0;
   const double u = unit_roundoff(A.scalar_type());
-  // Ritz residual that makes the correction accurate to ~1e-6 (float32) / ~1e-11 (float64) of ‖ΔW‖_F.
-  const double accuracy = (A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
-  const double floor_ok = 1e3 * u * frob;  // a residual this small is at the rounding floor
-  double last_res = -1;
   const double band = t * (1 + 16 * u);  // values within rounding of t are "at" the threshold
   const int64_t dense_cut = p / 2;
+  Outcome out;
 
   int64_t l = fixed ? std::min(rank, p) : std::min(p, std::max(kInitialRank, 2 * oversample));
-  if (!fixed && (p <= kDenseBelow || l > dense_cut)) return dense(A, t, fn, param);
+  if (!fixed && (p <= kDenseBelow || l > dense_cut)) {
+    if (nothing_above(frob_d.item<double>(), A, t, out)) return out;
+    return dense(A, t, fn, param);
+  }
 
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
   Tensor Q = orthonormalize(A.mm(gaussian(n, l, gen, A.options())));
@@ -199,21 +217,45 @@ Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double pa
     return true;
   };
 
+  double frob = -1;       // ‖A‖_F, known after the first read
+  double accuracy = 0;    // Ritz residual that makes the correction accurate to ~1e-6 (float32) /
+                          // ~1e-11 (float64) of ‖ΔW‖_F
+  double floor_ok = 0;    // a Ritz residual this small is at the rounding floor
+  double last_res = -1;
   while (true) {
     Ritz rr = rayleigh_ritz(B);
-    const int64_t k = count_above(rr.s, t);
+    std::vector<double> s;
+    double resid = -1;  // ‖A − QB‖_F
+    if (frob < 0) {     // first round: the norm, the values and the residual in one transfer
+      const std::vector<double> host =
+          to_host(at::cat({frob_d.reshape({1}), residual_sq(A, Q, rr.B).reshape({1}), rr.s}));
+      frob = host[0];
+      if (nothing_above(frob, A, t, out)) return out;
+      resid = std::sqrt(std::max(0.0, host[1]));
+      s.assign(host.begin() + 2, host.end());
+      accuracy = (A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
+      floor_ok = 1e3 * u * frob;
+    } else {
+      s = to_host(rr.s);
+    }
+    const int64_t k = count_above(s, t);
     if (!fixed && k + oversample > l && l < p) {
       if (grow(k)) continue;
       return dense(A, t, fn, param);
     }
-    const double s_next = k < l ? rr.s[k] : 0.0;
-    // Screening by the (cancellation-prone) formula: far above t means no certificate at this l.
-    const double tail_formula = std::sqrt(std::max(0.0, frob * frob - rr.sum_sq));
-    if (!fixed && tail_formula > 2 * t) {
-      if (grow(k)) continue;
-      return dense(A, t, fn, param);
+    const double s_next = k < l ? s[k] : 0.0;
+    if (resid < 0) {
+      // Later rounds screen by the (cancellation-prone) formula before paying for the residual: far
+      // above t means no certificate at this l.
+      double sum_sq = 0;
+      for (double v : s) sum_sq += v * v;
+      const double tail_formula = std::sqrt(std::max(0.0, frob * frob - sum_sq));
+      if (!fixed && tail_formula > 2 * t) {
+        if (grow(k)) continue;
+        return dense(A, t, fn, param);
+      }
+      resid = std::sqrt(std::max(0.0, residual_sq(A, Q, rr.B).item<double>()));
     }
-    const double resid = residual_frobenius(A, Q, rr.B);
     const double bound = std::sqrt(s_next * s_next + resid * resid);
     const bool certified = bound <= band;
     if (!fixed && !certified) {
@@ -221,7 +263,7 @@ Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double pa
       return dense(A, t, fn, param);
     }
 
-    Outcome out;
+    out = Outcome();
     out.stats[kStatRestrained] = k;
     out.stats[kStatRankExplored] = l;
     out.stats[kStatSigmaNextBound] = bound;
@@ -231,16 +273,20 @@ Outcome randomized(const Tensor& A, double frob, double t, int64_t fn, double pa
     out.stats[kStatResidual] = resid;
     if (k == 0) return out;
 
-    // Ritz triplets of the values to change; their residuals ‖A v_i − σ_i u_i‖ bound the error.
+    // Ritz triplets of the values to change: u_i = Q ub_i, v_i = Bᵀ ub_i / σ_i. Since QB v_i = σ_i u_i,
+    // ΔW v_i − σ_i u_i = R v_i with R = ΔW − QB, so ‖R‖_F (already known) bounds every Ritz residual;
+    // only when it is too large for the accuracy target are the residuals computed one by one.
     std::vector<double> shrink;
-    shrink_values(rr.s, k, t, fn, param, out, shrink);
+    shrink_values(s, k, t, fn, param, out, shrink);
     Tensor Ub_k = rr.Ub.narrow(1, 0, k);
-    Tensor s_k = at::tensor(std::vector<double>(rr.s.begin(), rr.s.begin() + k),
-                            at::TensorOptions().dtype(at::kDouble)).to(A.device());
+    Tensor s_k = rr.s.narrow(0, 0, k);
     Tensor V_k = (rr.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(A.scalar_type());  // n × k
     Tensor U_k = Q.mm(Ub_k.to(A.scalar_type()));                                   // m × k
-    Tensor ritz_res = at::linalg_vector_norm(A.mm(V_k) - U_k * s_k.to(A.scalar_type()), 2, {0});
-    const double max_res = at::max(ritz_res).item<double>();
+    double max_res = resid;
+    if (resid > accuracy) {
+      Tensor ritz_res = at::linalg_vector_norm(A.mm(V_k) - U_k * s_k.to(A.scalar_type()), 2, {0});
+      max_res = std::min(resid, at::max(ritz_res).item<double>());
+    }
     out.stats[kStatRitzResidual] = max_res;
     if (!fixed && max_res > accuracy) {
       // Subspace iterations shrink the Ritz residuals geometrically until they reach the rounding
@@ -289,19 +335,15 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
   const bool in_place = delta.scalar_type() == ct && blas_layout;
   Tensor A = in_place ? delta : delta.to(delta.options().dtype(ct), false, true, at::MemoryFormat::Contiguous);
 
-  const double frob = at::linalg_vector_norm(A, 2).to(at::kDouble).item<double>();
-  if (!std::isfinite(frob)) {
-    TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: delta contains NaN or Inf");
-    TORCH_CHECK_VALUE(false, "prune_ext: ‖delta‖_F overflows ", ct, "; scale it down first");
+  const Tensor frob = at::linalg_vector_norm(A, 2).to(at::kDouble);
+  try {
+    out = randomized(A, frob, threshold, fn, param, rank, oversample, power_iters, seed);
+  } catch (const c10::Error&) {
+    // NaN or Inf can make a factorisation fail before ‖A‖_F is read: say what is wrong with the input
+    Outcome unused;
+    nothing_above(frob.item<double>(), A, threshold, unused);
+    throw;
   }
-  if (frob <= threshold) {  // σmax ≤ ‖ΔW‖_F ≤ t: nothing can be above the threshold
-    out.stats[kStatMethod] = kMethodNormBound;
-    out.stats[kStatSigmaNextBound] = frob;
-    out.stats[kStatResidual] = frob;
-    return pack(out, delta.device());
-  }
-
-  out = randomized(A, frob, threshold, fn, param, rank, oversample, power_iters, seed);
   if (out.replacement.defined()) {
     delta.copy_(out.replacement);
   } else if (out.left.defined()) {

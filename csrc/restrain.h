@@ -1,5 +1,6 @@
 // Device-generic implementations (ATen calls only), registered for CPU in csrc/cpu/ and for CUDA in
-// csrc/cuda/. Everything large is a GEMM or a QR; every decision is taken on a few host scalars.
+// csrc/cuda/. Everything large is a GEMM or a QR; every decision is taken on a few host scalars, read
+// in one transfer per round (a low-rank input certified at once costs one device-to-host read).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +19,8 @@ enum Stat : int64_t {
   kStatMethod = 4,         // Method below
   kStatPowerIters = 5,     // power (subspace) iterations spent
   kStatResidual = 6,       // ‖(I − QQᵀ)ΔW‖_F, the part of ΔW outside the explored subspace
-  kStatRitzResidual = 7,   // max ‖ΔW v_i − σ_i u_i‖ over the changed triplets (accuracy of the correction)
+  kStatRitzResidual = 7,   // max ‖ΔW v_i − σ_i u_i‖ over the changed triplets, or its bound ‖(I − QQᵀ)ΔW‖_F
+                           // when that already meets the accuracy target (accuracy of the correction)
   kNumStats = 8,
 };
 

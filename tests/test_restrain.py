@@ -163,11 +163,23 @@ def test_empty_is_noop(device):
 GOOD = dict(W_sigma_max=1.0, alpha=1.2)
 
 
+def _with(t: torch.Tensor, at: tuple[int, int], value: float) -> torch.Tensor:
+    t[at] = value
+    return t
+
+
 @pytest.mark.parametrize(
     "make,kwargs,exc,match",
     [
         (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]) * 10, GOOD, ValueError, "NaN or Inf"),
         (lambda: torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), GOOD, ValueError, "NaN or Inf"),
+        # large enough for the randomized path (adaptive and fixed rank), float64 too
+        (lambda: _with(torch.randn(300, 400, generator=torch.Generator().manual_seed(1)), (7, 9), float("nan")),
+         GOOD, ValueError, "NaN or Inf"),
+        (lambda: _with(torch.randn(400, 300, dtype=torch.float64), (0, 0), float("inf")), GOOD, ValueError,
+         "NaN or Inf"),
+        (lambda: _with(torch.randn(300, 400), (299, 399), float("-inf")), dict(GOOD, rank=32), ValueError,
+         "NaN or Inf"),
         (lambda: torch.ones(4), GOOD, ValueError, "2-D"),
         (lambda: torch.ones(2, 3, 4), GOOD, ValueError, "2-D"),
         (lambda: torch.ones(3, 3, dtype=torch.int64), GOOD, TypeError, "floating"),
