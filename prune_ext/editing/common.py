@@ -14,7 +14,6 @@ state, so the result equals optimising them one by one) to share forward passes.
 
 from __future__ import annotations
 
-import inspect
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -240,8 +239,7 @@ class _Batch:
             position_ids=self.positions[:, : self.split],
             use_cache=True,
         )
-        cache = getattr(out, "cache", None) or out.past_key_values
-        self.cache = [(layer.keys, layer.values) for layer in cache.layers]
+        self.cache = [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
 def _forward(
@@ -258,11 +256,8 @@ def _forward(
         add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         return add.index_put((batch.rows, torch.zeros_like(batch.rows)), deltas[batch.owner])
 
-    kwargs: dict[str, Any] = {}
-    if batch.cache is not None:  # a fresh cache each step: a forward pass appends to the cache it is given
-        # transformers 5 names the argument `cache`, earlier versions `past_key_values`
-        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
-        kwargs = {name: DynamicCache(batch.cache, config=model.config), "use_cache": True}
+    # a fresh cache each step: a forward pass appends to the cache it is given
+    kwargs = {"cache": DynamicCache(batch.cache, config=model.config), "use_cache": True} if batch.cache else {}
     with add_to_output(module, make_delta):
         hidden = model.base_model(
             input_ids=batch.suffix_ids,
