@@ -96,8 +96,12 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
     def figure(name: str, panels: list[tuple[str, Any]], ylog: set[str] = frozenset()) -> None:
         if not panels:
             return
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-        for ax, (title, series) in zip(axes[0], panels):
+        cols = min(3, len(panels))  # rows of at most three panels: five tasks stay readable
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.4), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (title, series) in zip(axes.flat, panels):
             for run, st in zip(runs, style):
                 xs, ys = series(run)
                 if xs:
@@ -109,7 +113,7 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(runs)), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(runs) - 1) // 3), 1, 1))
+        fig.tight_layout(rect=(0, (0.08 + 0.04 * ((len(runs) - 1) // 3)) / rows, 1, 1))
         path = out / name
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -118,7 +122,7 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
     figure("spectrum.png", [(title, lambda r, k=key: _spectral_series(r, k)) for key, title in SPECTRAL],
            ylog={"condition number κ"})
     figure("editing.png", [(m, lambda r, k=m: _series(r, k)) for m in EDIT_METRICS])
-    figure("tasks.png", [(t, lambda r, k=t: _series(r, k)) for t in _tasks(runs)])
+    figure("tasks.png", [(t, lambda r, k=t: _series(r, k)) for t in _tasks(runs)], ylog={"perplexity"})
     table = out / "summary.md"
     table.write_text(summary_table(runs))
     written.append(table)
