@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         # PRUNE after every edit (the paper's "multiple"): the session's restraint time per edit, and
-        # the cost of a restraint that does change values (factored ΔW of rank 200, 20 above σ_W)
+        # the cost of a restraint that does change values (a factored ΔW of rank 200, decaying across σ_W)
         session = EditingSession(model, tok, rome, restrain="log", alpha=1.2, every=1, progress=False)
         session.run(requests[: args.session_edits])
-        restrain_s = [r["seconds"] for r in session.restraints[:-1] or session.restraints]
+        restrain_s = [r["seconds"] for r in session.restraints]  # one per edit (finish() adds none)
         per_edit = session.edit_seconds / session.edits_done
         rows.append(
             (
