@@ -36,6 +36,12 @@ TORCH_LIBRARY(prune_ext, m) {
   m.def("factored_svd(Tensor left, Tensor right) -> (Tensor, Tensor, Tensor)");
   // σmax by Golub–Kahan–Lanczos; returns float64 [sigma, residual bound, iterations, converged].
   m.def("spectral_norm(Tensor W, float rtol, int max_iters, int seed) -> Tensor");
+  // Internal building blocks of the algorithms (csrc/restrain.h), one kernel per backend.
+  m.def("_sketch(Tensor like, int rows, int cols, int seed, int offset) -> Tensor");
+  m.def("_sym_eig(Tensor gram) -> (Tensor, Tensor)");
+  m.def(
+      "_summarize_rounds(Tensor s, Tensor resid_sq, Tensor frob, float[] thresholds, float band_factor, int fn, "
+      "float param, int power_iters) -> (Tensor, Tensor, Tensor, Tensor)");
   // CUDA only: restrain_ with the top triplets from cuSOLVER's randomized SVD (cusolverDnXgesvdr) instead
   // of the certified range finder; same outputs, stats method 4, never certified. rank > 0 fixes k.
   m.def(

@@ -10,12 +10,13 @@
 // and the certificate holds at once; otherwise l grows, and a dense SVD takes over near min(m, n).
 #include "restrain.h"
 
-#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 
 #include "restrain_math.h"
 
@@ -43,6 +44,32 @@ void check_matrix(const Tensor& t, const char* name) {
                    t.scalar_type());
 }
 
+Tensor sketch(const Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prune_ext::_sketch", "")
+                       .typed<Tensor(const Tensor&, int64_t, int64_t, int64_t, int64_t)>();
+  return op.call(like, rows, cols, seed, offset);
+}
+
+std::tuple<Tensor, Tensor> sym_eig(const Tensor& gram) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prune_ext::_sym_eig", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&)>();
+  return op.call(gram);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, const Tensor& resid_sq,
+                                                            const Tensor& frob, at::ArrayRef<double> thresholds,
+                                                            double band_factor, int64_t fn, double param,
+                                                            int64_t power_iters) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prune_ext::_summarize_rounds", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, at::ArrayRef<double>, double, int64_t,
+                           double, int64_t)>();
+  return op.call(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters);
+}
+
 namespace {
 
 constexpr int64_t kInitialRank = 64;     // first subspace size
@@ -63,11 +90,6 @@ std::vector<double> to_host(const Tensor& t) {
   return std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel());
 }
 
-// Drawn on the CPU from a seeded generator, so a seed gives the same sketch on every device.
-Tensor gaussian(int64_t rows, int64_t cols, at::Generator& gen, const at::TensorOptions& opts) {
-  return at::randn({rows, cols}, gen, at::TensorOptions().dtype(opts.dtype())).to(opts);
-}
-
 Tensor orthonormalize(const Tensor& Y) { return std::get<0>(at::linalg_qr(Y, "reduced")); }
 
 // New orthonormal directions from Y, orthogonal to Q. Y may be (numerically) rank deficient once Q
@@ -77,28 +99,6 @@ Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
   Tensor Z = orthonormalize(Y - Q.mm(Q.t().mm(Y)));
   Z = orthonormalize(Z - Q.mm(Q.t().mm(Z)));
   return at::cat({Q, Z}, 1);
-}
-
-// One subspace (power) iteration with re-orthonormalisation: Q ← orth(A orth(Aᵀ Q)).
-Tensor power_step(const Tensor& A, const Tensor& Q) { return orthonormalize(A.mm(orthonormalize(A.t().mm(Q)))); }
-
-// Rayleigh–Ritz on span(Q): B = QᵀA and the SVD of B via its l × l Gram matrix in float64
-// (float64 keeps every value above ~1e-7 σ1 accurate, far below any threshold of interest). Everything
-// stays on the device; the host reads the values together with the residual (one transfer a round).
-struct Ritz {
-  Tensor B;   // l × n, compute dtype
-  Tensor Ub;  // l × l left singular vectors of B (float64), columns in descending order
-  Tensor s;   // singular values of B (float64), descending
-};
-
-Ritz rayleigh_ritz(Tensor B) {
-  Ritz r;
-  r.B = std::move(B);
-  Tensor Bd = r.B.to(at::kDouble);
-  auto [evals, evecs] = at::linalg_eigh(Bd.mm(Bd.t()));
-  r.Ub = evecs.flip(1);
-  r.s = evals.flip(0).clamp_min(0).sqrt();
-  return r;
 }
 
 // ‖A − QB‖_F² as a float64 device scalar, computed explicitly in row blocks (the formula
@@ -116,203 +116,320 @@ Tensor residual_sq(const Tensor& A, const Tensor& Q, const Tensor& B) {
   return acc;
 }
 
-struct Outcome {
-  Tensor left;   // m × k: U_k diag(σ − F(σ))  (compute dtype)
-  Tensor right;  // n × k: V_k
-  Tensor replacement;  // or the whole restrained matrix (small dense case, computed in float64)
-  std::vector<double> before, after;
-  double stats[kNumStats] = {0, 0, 0, 0, 0, 0, 0, 0};
+// The settings of one call.
+struct Config {
+  int64_t fn;
+  double param;
+  int64_t rank;  // > 0: fixed rank
+  int64_t oversample;
+  int64_t power_iters;
+  int64_t seed;
+  bool fixed() const { return rank > 0; }
 };
 
-void shrink_values(const std::vector<double>& s, int64_t k, double t, int64_t fn, double param, Outcome& out,
-                   std::vector<double>& shrink) {
-  shrink.resize(k);
-  out.before.assign(s.begin(), s.begin() + k);
-  out.after.resize(k);
-  for (int64_t i = 0; i < k; ++i) {
-    out.after[i] = restrained_value(s[i], t, fn, param);
-    shrink[i] = s[i] - out.after[i];
+// One matrix of a call: its input, the state of its randomized search, and its result.
+struct Job {
+  Tensor delta;   // the caller's matrix
+  Tensor A;       // compute dtype, BLAS layout: delta itself when possible
+  bool in_place = true;
+  double t = 0;
+  int64_t m = 0, n = 0, p = 0;
+  Tensor frob;    // ‖A‖_F, float64 device scalar
+  // Randomized search: an orthonormal basis Q (m × l) of the explored subspace, B = QᵀA (l × n), the
+  // Ritz values s (descending) with their vectors Ub (l × l, float64), and the round's device summary.
+  Tensor Q, B, Ub, s;
+  Tensor before, after, coeff, stats;
+  int64_t l = 0, powers = 0;
+  // Result (device, float64): the restrained values before / after F and the stats row.
+  Tensor out_before, out_after, out_stats;
+};
+
+double band_factor(const Job& j) { return 1 + 16 * unit_roundoff(j.A.scalar_type()); }
+
+// Rayleigh–Ritz on span(Q) for jobs with subspaces of equal size, and their summaries: the l × l Gram
+// matrices BBᵀ (float64: every value above ~1e-7 σ1 stays accurate, far below any threshold of
+// interest) in one batched symmetric eigensolve, the residuals ‖A − QB‖_F², and one summary launch.
+// Nothing is read back to the host.
+void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
+  std::vector<Tensor> grams, resid, frob;
+  std::vector<double> thresholds;
+  for (Job* j : js) {
+    const Tensor Bd = j->B.to(at::kDouble);
+    grams.push_back(Bd.mm(Bd.t()));
+    resid.push_back(residual_sq(j->A, j->Q, j->B));
+    frob.push_back(j->frob);
+    thresholds.push_back(j->t);
+  }
+  auto [evals, evecs] = sym_eig(at::stack(grams));
+  const Tensor s = evals.flip(-1).clamp_min(0).sqrt();
+  const Tensor Ub = evecs.flip(-1);
+  auto [before, after, coeff, stats] = summarize_rounds(s, at::stack(resid), at::stack(frob), thresholds,
+                                                        band_factor(*js[0]), c.fn, c.param, js[0]->powers);
+  for (size_t i = 0; i < js.size(); ++i) {
+    Job& j = *js[i];
+    j.s = s[i];
+    j.Ub = Ub[i];
+    j.before = before[i];
+    j.after = after[i];
+    j.coeff = coeff[i];
+    j.stats = stats[i];
   }
 }
 
-int64_t count_above(const std::vector<double>& s, double t) {
-  return std::count_if(s.begin(), s.end(), [t](double v) { return v > t; });
-}
-
-// The checks every path starts with, on ‖ΔW‖_F: NaN or Inf is an error (nothing written yet), and
-// ‖ΔW‖_F ≤ t means σmax ≤ t: nothing can be above the threshold (returns true, `out` says so).
-bool nothing_above(double frob, const Tensor& A, double t, Outcome& out) {
-  if (!std::isfinite(frob)) {
-    TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: delta contains NaN or Inf");
-    TORCH_CHECK_VALUE(false, "prune_ext: ‖delta‖_F overflows ", A.scalar_type(), "; scale it down first");
+// The first round for jobs of one shape, dtype and subspace size: one sketch for all (the same seed
+// gives every matrix the same sketch, as a call on each alone would), batched QR factorisations,
+// products per matrix, then ritz_rounds. Fixed-rank jobs also take their power iterations here.
+void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
+  const Tensor G = sketch(js[0]->A, js[0]->n, l, c.seed, 0);
+  auto each = [&](auto&& f) {
+    std::vector<Tensor> out;
+    for (Job* j : js) out.push_back(f(*j));
+    return orthonormalize(at::stack(out));
+  };
+  Tensor Q = each([&](Job& j) { return j.A.mm(G); });
+  const int64_t powers = c.fixed() ? c.power_iters : 0;
+  for (int64_t it = 0; it < powers; ++it) {  // Q ← orth(A orth(AᵀQ))
+    int64_t i = 0;
+    const Tensor Z = each([&](Job& j) { return j.A.t().mm(Q[i++]); });
+    i = 0;
+    Q = each([&](Job& j) { return j.A.mm(Z[i++]); });
   }
-  if (frob > t) return false;
-  out.stats[kStatCertified] = 1;
-  out.stats[kStatMethod] = kMethodNormBound;
-  out.stats[kStatSigmaNextBound] = frob;
-  out.stats[kStatResidual] = frob;
-  return true;
+  for (size_t i = 0; i < js.size(); ++i) {
+    Job& j = *js[i];
+    j.l = l;
+    j.powers = powers;
+    j.Q = Q[i];
+    j.B = j.Q.t().mm(j.A);
+  }
+  ritz_rounds(js, c);
 }
 
-Outcome dense(const Tensor& A, double t, int64_t fn, double param) {
-  Outcome out;
+// ΔW −= Σ_{i<k} (σ_i − F(σ_i)) u_i v_iᵀ with the Ritz triplets u_i = Q ub_i, σ_i v_i = Bᵀ ub_i, that is
+// (Q Ub_k)(Bᵀ Ub_k diag(coeff_k))ᵀ: one in-place GEMM on A. coeff is 0 for values left alone, so the
+// fixed-rank mode passes all l columns and never needs k on the host.
+void apply_correction(Job& j, int64_t k) {
+  const at::ScalarType ct = j.A.scalar_type();
+  const Tensor Ub_k = j.Ub.narrow(1, 0, k), coeff_k = j.coeff.narrow(0, 0, k);
+  // Columns left alone are exact zeros on both sides (NaN · 0 would be NaN): A is then bitwise unchanged.
+  const Tensor unchanged = coeff_k == 0;
+  const Tensor left = j.Q.mm(Ub_k.to(ct)).masked_fill_(unchanged, 0);
+  const Tensor right = j.B.to(at::kDouble).t().mm(Ub_k * coeff_k).masked_fill_(unchanged, 0).to(ct);
+  j.A.addmm_(left, right.t(), 1, -1);
+  if (!j.in_place) j.delta.copy_(j.A);
+}
+
+void set_result(Job& j, int64_t k) {
+  j.out_before = j.before.narrow(0, 0, k);
+  j.out_after = j.after.narrow(0, 0, k);
+  j.out_stats = j.stats;
+}
+
+void set_host_result(Job& j, const std::vector<double>& before, const std::vector<double>& after,
+                     const double (&stats)[kNumStats]) {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  j.out_before = at::tensor(before, opts).to(j.delta.device());
+  j.out_after = at::tensor(after, opts).to(j.delta.device());
+  j.out_stats = at::tensor(std::vector<double>(stats, stats + kNumStats), opts).to(j.delta.device());
+}
+
+void check_finite(double frob, const Tensor& A) {
+  if (std::isfinite(frob)) return;
+  TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: delta contains NaN or Inf");
+  TORCH_CHECK_VALUE(false, "prune_ext: ‖delta‖_F overflows ", A.scalar_type(), "; scale it down first");
+}
+
+// A dense SVD: for small matrices, and where the sketch cannot resolve the spectrum cheaply.
+void dense(Job& j, double frob, const Config& c) {
+  double stats[kNumStats] = {0, 0, 0, 1, kMethodNormBound, 0, frob, 0};
+  stats[kStatSigmaNextBound] = frob;
+  if (frob <= j.t) return set_host_result(j, {}, {}, stats);  // σmax ≤ ‖ΔW‖_F ≤ t: nothing above
   // Small float32 matrices are decomposed and corrected in float64 (cheap at this size): the result
   // is then exact to its own rounding even when the restraint removes most of ΔW's norm.
-  const bool widen = A.scalar_type() == at::kFloat && std::min(A.size(0), A.size(1)) <= kWidenBelow &&
-                     A.numel() <= kWidenElems;
+  const Tensor& A = j.A;
+  const bool widen = A.scalar_type() == at::kFloat && j.p <= kWidenBelow && A.numel() <= kWidenElems;
   const Tensor Aw = widen ? A.to(at::kDouble) : A;
   auto [U, S, Vh] = at::linalg_svd(Aw, false);
   const std::vector<double> s = to_host(S);
-  const int64_t k = count_above(s, t);
-  out.stats[kStatRestrained] = k;
-  out.stats[kStatRankExplored] = static_cast<double>(s.size());
-  out.stats[kStatSigmaNextBound] = k < static_cast<int64_t>(s.size()) ? s[k] : 0.0;
-  out.stats[kStatCertified] = 1;
-  out.stats[kStatMethod] = kMethodDense;
-  if (k == 0) return out;
-  std::vector<double> shrink;
-  shrink_values(s, k, t, fn, param, out, shrink);
-  Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(Aw.options());
-  if (widen) {
-    out.replacement = at::addmm(Aw, U.narrow(1, 0, k) * d, Vh.narrow(0, 0, k), 1, -1);
-    return out;
+  const int64_t k = std::count_if(s.begin(), s.end(), [&](double v) { return v > j.t; });
+  stats[kStatRestrained] = k;
+  stats[kStatRankExplored] = static_cast<double>(s.size());
+  stats[kStatSigmaNextBound] = k < static_cast<int64_t>(s.size()) ? s[k] : 0.0;
+  stats[kStatMethod] = kMethodDense;
+  stats[kStatResidual] = 0;
+  std::vector<double> before(s.begin(), s.begin() + k), after(k), shrink(k);
+  for (int64_t i = 0; i < k; ++i) {
+    after[i] = restrained_value(s[i], j.t, c.fn, c.param);
+    shrink[i] = s[i] - after[i];
   }
-  out.left = U.narrow(1, 0, k) * d;
-  out.right = Vh.narrow(0, 0, k).t();
-  return out;
+  set_host_result(j, before, after, stats);
+  if (k == 0) return;
+  const Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(Aw.options());
+  const Tensor left = U.narrow(1, 0, k) * d, right = Vh.narrow(0, 0, k);
+  if (widen) {
+    j.delta.copy_(at::addmm(Aw, left, right, 1, -1));
+    return;
+  }
+  j.A.addmm_(left, right, 1, -1);
+  if (!j.in_place) j.delta.copy_(j.A);
 }
 
-// The restraint of A (float32 or float64, BLAS layout). ‖A‖_F (`frob_d`, a device scalar) is read
-// together with the first round's values and residual: a certified low-rank input costs one
-// device-to-host transfer. Small matrices go dense.
-Outcome randomized(const Tensor& A, const Tensor& frob_d, double t, int64_t fn, double param, int64_t rank,
-                   int64_t oversample, int64_t power_iters, int64_t seed) {
-  const int64_t m = A.size(0), n = A.size(1), p = std::min(m, n);
-  const bool fixed = rank > 0;
-  const double u = unit_roundoff(A.scalar_type());
-  const double band = t * (1 + 16 * u);  // values within rounding of t are "at" the threshold
-  const int64_t dense_cut = p / 2;
-  Outcome out;
+// Grows the subspace by kGrowth (or to fit k + oversample); false when a dense SVD is cheaper.
+bool grow(Job& j, int64_t k, const Config& c) {
+  const int64_t target = std::min(j.p, std::max(kGrowth * j.l, k + 2 * c.oversample));
+  if (target > j.p / 2) return false;
+  // New sketch columns: entries the earlier ones did not use.
+  j.Q = extend_basis(j.Q, j.A.mm(sketch(j.A, j.n, target - j.l, c.seed, j.n * j.l)));
+  j.B = at::cat({j.B, j.Q.narrow(1, j.l, target - j.l).t().mm(j.A)}, 0);
+  j.l = target;
+  return true;
+}
 
-  int64_t l = fixed ? std::min(rank, p) : std::min(p, std::max(kInitialRank, 2 * oversample));
-  if (!fixed && (p <= kDenseBelow || l > dense_cut)) {
-    if (nothing_above(frob_d.item<double>(), A, t, out)) return out;
-    return dense(A, t, fn, param);
-  }
-
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  Tensor Q = orthonormalize(A.mm(gaussian(n, l, gen, A.options())));
-  int64_t powers = 0;
-  if (fixed)
-    for (; powers < power_iters; ++powers) Q = power_step(A, Q);
-  Tensor B = Q.t().mm(A);  // QᵀA, kept in step with Q (extended by rows as Q grows)
-
-  // Grows the subspace by kGrowth (or to fit k + oversample), false when dense is cheaper.
-  auto grow = [&](int64_t k) {
-    const int64_t target = std::min(p, std::max(kGrowth * l, k + 2 * oversample));
-    if (fixed || target > dense_cut) return false;
-    Q = extend_basis(Q, A.mm(gaussian(n, target - l, gen, A.options())));
-    B = at::cat({B, Q.narrow(1, l, target - l).t().mm(A)}, 0);
-    l = target;
-    return true;
-  };
-
-  double frob = -1;       // ‖A‖_F, known after the first read
-  double accuracy = 0;    // Ritz residual that makes the correction accurate to ~1e-6 (float32) /
-                          // ~1e-11 (float64) of ‖ΔW‖_F
-  double floor_ok = 0;    // a Ritz residual this small is at the rounding floor
+// The adaptive search for one job from its first round's host stats `st` (read with everyone's):
+// certified at once in the common case (edits are low rank); otherwise the subspace grows, subspace
+// iterations sharpen the Ritz vectors, or a dense SVD takes over. Later rounds read one stats row each.
+void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& c) {
+  const double u = unit_roundoff(j.A.scalar_type());
+  // Ritz residuals that make the correction accurate to ~1e-6 (float32) / ~1e-11 (float64) of ‖ΔW‖_F,
+  // and the rounding floor they cannot go below.
+  const double accuracy = (j.A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
+  const double floor_ok = 1e3 * u * frob;
   double last_res = -1;
   while (true) {
-    Ritz rr = rayleigh_ritz(B);
-    std::vector<double> s;
-    double resid = -1;  // ‖A − QB‖_F
-    if (frob < 0) {     // first round: the norm, the values and the residual in one transfer
-      const std::vector<double> host =
-          to_host(at::cat({frob_d.reshape({1}), residual_sq(A, Q, rr.B).reshape({1}), rr.s}));
-      frob = host[0];
-      if (nothing_above(frob, A, t, out)) return out;
-      resid = std::sqrt(std::max(0.0, host[1]));
-      s.assign(host.begin() + 2, host.end());
-      accuracy = (A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
-      floor_ok = 1e3 * u * frob;
-    } else {
-      s = to_host(rr.s);
+    if (st[kStatMethod] == kMethodNormBound) return set_result(j, 0);
+    const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
+    if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
+      if (!grow(j, k, c)) return dense(j, frob, c);
+      ritz_rounds({&j}, c);
+      st = to_host(j.stats);
+      continue;
     }
-    const int64_t k = count_above(s, t);
-    if (!fixed && k + oversample > l && l < p) {
-      if (grow(k)) continue;
-      return dense(A, t, fn, param);
-    }
-    const double s_next = k < l ? s[k] : 0.0;
-    if (resid < 0) {
-      // Later rounds screen by the (cancellation-prone) formula before paying for the residual: far
-      // above t means no certificate at this l.
-      double sum_sq = 0;
-      for (double v : s) sum_sq += v * v;
-      const double tail_formula = std::sqrt(std::max(0.0, frob * frob - sum_sq));
-      if (!fixed && tail_formula > 2 * t) {
-        if (grow(k)) continue;
-        return dense(A, t, fn, param);
-      }
-      resid = std::sqrt(std::max(0.0, residual_sq(A, Q, rr.B).item<double>()));
-    }
-    const double bound = std::sqrt(s_next * s_next + resid * resid);
-    const bool certified = bound <= band;
-    if (!fixed && !certified) {
-      if (grow(k)) continue;
-      return dense(A, t, fn, param);
-    }
-
-    out = Outcome();
-    out.stats[kStatRestrained] = k;
-    out.stats[kStatRankExplored] = l;
-    out.stats[kStatSigmaNextBound] = bound;
-    out.stats[kStatCertified] = certified;
-    out.stats[kStatMethod] = kMethodRandomized;
-    out.stats[kStatPowerIters] = powers;
-    out.stats[kStatResidual] = resid;
-    if (k == 0) return out;
-
-    // Ritz triplets of the values to change: u_i = Q ub_i, v_i = Bᵀ ub_i / σ_i. Since QB v_i = σ_i u_i,
-    // ΔW v_i − σ_i u_i = R v_i with R = ΔW − QB, so ‖R‖_F (already known) bounds every Ritz residual;
-    // only when it is too large for the accuracy target are the residuals computed one by one.
-    std::vector<double> shrink;
-    shrink_values(s, k, t, fn, param, out, shrink);
-    Tensor Ub_k = rr.Ub.narrow(1, 0, k);
-    Tensor s_k = rr.s.narrow(0, 0, k);
-    Tensor V_k = (rr.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(A.scalar_type());  // n × k
-    Tensor U_k = Q.mm(Ub_k.to(A.scalar_type()));                                   // m × k
+    if (k == 0) return set_result(j, 0);
+    // ‖R‖_F bounds every Ritz residual (QB v_i = σ_i u_i, so ΔW v_i − σ_i u_i = R v_i); only when it
+    // misses the accuracy target are the residuals computed one by one.
+    const double resid = st[kStatResidual];
     double max_res = resid;
     if (resid > accuracy) {
-      Tensor ritz_res = at::linalg_vector_norm(A.mm(V_k) - U_k * s_k.to(A.scalar_type()), 2, {0});
-      max_res = std::min(resid, at::max(ritz_res).item<double>());
+      const at::ScalarType ct = j.A.scalar_type();
+      const Tensor Ub_k = j.Ub.narrow(1, 0, k), s_k = j.s.narrow(0, 0, k);
+      const Tensor V_k = (j.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(ct);
+      const Tensor U_k = j.Q.mm(Ub_k.to(ct));
+      const Tensor ritz = at::linalg_vector_norm(j.A.mm(V_k) - U_k * s_k.to(ct), 2, {0});
+      max_res = std::min(resid, at::max(ritz).item<double>());
     }
-    out.stats[kStatRitzResidual] = max_res;
-    if (!fixed && max_res > accuracy) {
+    if (max_res > accuracy) {
       // Subspace iterations shrink the Ritz residuals geometrically until they reach the rounding
       // floor of the working precision; stagnation at a small floor is as accurate as it gets.
       const bool stagnated = last_res >= 0 && max_res > 0.5 * last_res;
-      if (!stagnated && powers < power_iters) {
+      if (!stagnated && j.powers < c.power_iters) {
         last_res = max_res;
-        Q = power_step(A, Q);
-        B = Q.t().mm(A);
-        ++powers;
+        j.Q = orthonormalize(j.A.mm(orthonormalize(j.A.t().mm(j.Q))));
+        j.B = j.Q.t().mm(j.A);
+        ++j.powers;
+        ritz_rounds({&j}, c);
+        st = to_host(j.stats);
         continue;
       }
-      if (!(stagnated && max_res <= floor_ok))
-        return dense(A, t, fn, param);  // a spectrum the sketch cannot resolve: be exact instead
+      if (!(stagnated && max_res <= floor_ok)) return dense(j, frob, c);  // be exact instead
     }
-    Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(A.options());
-    out.left = U_k * d;
-    out.right = V_k;
-    return out;
+    apply_correction(j, k);
+    set_result(j, k);
+    if (max_res != resid) j.out_stats[kStatRitzResidual].fill_(max_res);
+    return;
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> pack(const Outcome& out, const at::Device& device) {
-  auto opts = at::TensorOptions().dtype(at::kDouble);
-  Tensor stats = at::tensor(std::vector<double>(out.stats, out.stats + kNumStats), opts);
-  return {at::tensor(out.before, opts).to(device), at::tensor(out.after, opts).to(device), stats.to(device)};
+Tensor pad_rows(const std::vector<Tensor>& rows, const at::Device& device) {
+  int64_t width = 0;
+  for (const Tensor& r : rows) width = std::max(width, r.numel());
+  Tensor out = at::zeros({static_cast<int64_t>(rows.size()), width}, at::TensorOptions().dtype(at::kDouble).device(device));
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (rows[i].numel() > 0) out[i].narrow(0, 0, rows[i].numel()).copy_(rows[i]);
+  return out;
+}
+
+// The whole call. Every job's first round is enqueued before anything is read back (jobs of equal
+// shape share batched factorisations); then one device-to-host transfer brings every ‖ΔW‖_F and
+// first-round summary, NaN or Inf anywhere is reported before any matrix is written, and each job
+// finishes on its own. The fixed-rank mode reads nothing back: its correction uses every explored
+// direction, with coefficient 0 for values left alone (no host round trip, so CUDA-graph capturable).
+void run_jobs(std::vector<Job>& jobs, const Config& c) {
+  std::vector<Job*> randomized, small;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, std::vector<Job*>> groups;
+  for (Job& j : jobs) {
+    if (j.A.numel() == 0) {
+      const double stats[kNumStats] = {0, 0, 0, 1, kMethodNone, 0, 0, 0};
+      set_host_result(j, {}, {}, stats);
+      continue;
+    }
+    const int64_t l = c.fixed() ? std::min(c.rank, j.p) : std::min(j.p, std::max(kInitialRank, 2 * c.oversample));
+    if (!c.fixed() && (j.p <= kDenseBelow || l > j.p / 2)) {
+      small.push_back(&j);
+      continue;
+    }
+    randomized.push_back(&j);
+    groups[{j.m, j.n, static_cast<int64_t>(j.A.scalar_type()), l}].push_back(&j);
+  }
+  for (auto& [key, js] : groups) first_rounds(js, std::get<3>(key), c);
+
+  if (c.fixed()) {
+    for (Job* j : randomized) {
+      apply_correction(*j, j->l);
+      set_result(*j, j->l);
+    }
+    return;
+  }
+  std::vector<Tensor> parts;
+  for (Job* j : small) parts.push_back(j->frob.reshape({1}));
+  for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), j->stats}));
+  if (parts.empty()) return;
+  const std::vector<double> host = to_host(at::cat(parts));
+  std::vector<double> frobs;
+  for (Job* j : small) frobs.push_back(host[frobs.size()]);
+  const size_t offset = small.size();
+  for (size_t i = 0; i < randomized.size(); ++i) frobs.push_back(host[offset + i * (kNumStats + 1)]);
+  std::vector<Job*> all(small);
+  all.insert(all.end(), randomized.begin(), randomized.end());
+  for (size_t i = 0; i < all.size(); ++i) check_finite(frobs[i], all[i]->A);
+
+  for (size_t i = 0; i < small.size(); ++i) dense(*small[i], frobs[i], c);
+  for (size_t i = 0; i < randomized.size(); ++i) {
+    const double* row = host.data() + offset + i * (kNumStats + 1) + 1;
+    finish_adaptive(*randomized[i], std::vector<double>(row, row + kNumStats), frobs[offset + i], c);
+  }
+}
+
+std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> thresholds) {
+  std::vector<Job> jobs(deltas.size());
+  for (size_t i = 0; i < deltas.size(); ++i) {
+    Job& j = jobs[i];
+    j.delta = deltas[i];
+    j.t = thresholds[i];
+    j.m = j.delta.size(0);
+    j.n = j.delta.size(1);
+    j.p = std::min(j.m, j.n);
+    // Work on delta itself when BLAS can read it (row- or column-major float32/float64); otherwise on
+    // one compute-dtype copy, written back at the end.
+    const Tensor& d = j.delta;
+    const at::ScalarType ct = compute_dtype(d.scalar_type());
+    const bool blas_layout = (d.stride(1) == 1 && d.stride(0) >= std::max<int64_t>(1, j.n)) ||
+                             (d.stride(0) == 1 && d.stride(1) >= std::max<int64_t>(1, j.m));
+    j.in_place = d.scalar_type() == ct && blas_layout;
+    j.A = j.in_place ? d : d.to(d.options().dtype(ct), false, true, at::MemoryFormat::Contiguous);
+    j.frob = at::linalg_vector_norm(j.A, 2).to(at::kDouble);
+  }
+  return jobs;
+}
+
+// Runs the jobs; a factorisation that fails (NaN or Inf can make it fail before any norm is read) is
+// reported as what is wrong with the input.
+void run_checked(std::vector<Job>& jobs, const Config& c) {
+  try {
+    run_jobs(jobs, c);
+  } catch (const c10::Error&) {
+    for (const Job& j : jobs)
+      if (j.A.numel() > 0) check_finite(j.frob.item<double>(), j.A);
+    throw;
+  }
 }
 
 }  // namespace
@@ -323,34 +440,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
   check_sketch_args(rank, oversample, power_iters);
-  Outcome out;
-  out.stats[kStatCertified] = 1;
-  if (delta.numel() == 0) return pack(out, delta.device());
-
-  // Work on delta itself when BLAS can read it (row- or column-major float32/float64); otherwise on
-  // one compute-dtype copy, written back at the end.
-  const at::ScalarType ct = compute_dtype(delta.scalar_type());
-  const bool blas_layout = (delta.stride(1) == 1 && delta.stride(0) >= std::max<int64_t>(1, delta.size(1))) ||
-                           (delta.stride(0) == 1 && delta.stride(1) >= std::max<int64_t>(1, delta.size(0)));
-  const bool in_place = delta.scalar_type() == ct && blas_layout;
-  Tensor A = in_place ? delta : delta.to(delta.options().dtype(ct), false, true, at::MemoryFormat::Contiguous);
-
-  const Tensor frob = at::linalg_vector_norm(A, 2).to(at::kDouble);
-  try {
-    out = randomized(A, frob, threshold, fn, param, rank, oversample, power_iters, seed);
-  } catch (const c10::Error&) {
-    // NaN or Inf can make a factorisation fail before ‖A‖_F is read: say what is wrong with the input
-    Outcome unused;
-    nothing_above(frob.item<double>(), A, threshold, unused);
-    throw;
-  }
-  if (out.replacement.defined()) {
-    delta.copy_(out.replacement);
-  } else if (out.left.defined()) {
-    A.addmm_(out.left, out.right.t(), 1, -1);
-    if (!in_place) delta.copy_(A);
-  }
-  return pack(out, delta.device());
+  std::vector<Job> jobs = make_jobs({delta}, {threshold});
+  run_checked(jobs, Config{fn, param, rank, oversample, power_iters, seed});
+  return {jobs[0].out_before, jobs[0].out_after, jobs[0].out_stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::ArrayRef<double> thresholds,
@@ -363,27 +455,22 @@ std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::Arr
     check_matrix(deltas[i], "every delta");
     check_restraint_args(thresholds[i], fn, param);
   }
+  check_sketch_args(rank, oversample, power_iters);
   const at::Device device = deltas.empty() ? at::Device(at::kCPU) : deltas[0].device();
-  std::vector<Tensor> before, after, stats;
-  int64_t kmax = 0;
-  for (size_t i = 0; i < deltas.size(); ++i) {
-    Tensor d = deltas[i];
-    auto [b, a, s] = restrain_(d, thresholds[i], fn, param, rank, oversample, power_iters, seed);
-    kmax = std::max(kmax, b.numel());
-    before.push_back(b);
-    after.push_back(a);
-    stats.push_back(s.to(device));
-  }
+  for (const Tensor& d : deltas)
+    TORCH_CHECK_VALUE(d.device() == device, "prune_ext: restrain_many_ needs every matrix on one device, got ",
+                      device, " and ", d.device());
   auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
-  const int64_t L = static_cast<int64_t>(deltas.size());
-  Tensor all_before = at::zeros({L, kmax}, opts);
-  Tensor all_after = at::zeros({L, kmax}, opts);
-  for (int64_t i = 0; i < L; ++i) {
-    all_before[i].narrow(0, 0, before[i].numel()).copy_(before[i]);
-    all_after[i].narrow(0, 0, after[i].numel()).copy_(after[i]);
+  if (deltas.empty()) return {at::zeros({0, 0}, opts), at::zeros({0, 0}, opts), at::zeros({0, kNumStats}, opts)};
+  std::vector<Job> jobs = make_jobs(deltas, thresholds);
+  run_checked(jobs, Config{fn, param, rank, oversample, power_iters, seed});
+  std::vector<Tensor> before, after, stats;
+  for (const Job& j : jobs) {
+    before.push_back(j.out_before);
+    after.push_back(j.out_after);
+    stats.push_back(j.out_stats);
   }
-  Tensor all_stats = L == 0 ? at::zeros({0, kNumStats}, opts) : at::stack(stats);
-  return {all_before, all_after, all_stats};
+  return {pad_rows(before, device), pad_rows(after, device), at::stack(stats)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> factored_svd(const Tensor& left, const Tensor& right) {
@@ -412,8 +499,7 @@ Tensor spectral_norm(const Tensor& W, double rtol, int64_t max_iters, int64_t se
   Tensor A = W.size(0) < W.size(1) ? W.t().to(at::kDouble) : W.to(at::kDouble);
   const int64_t m = A.size(0), n = A.size(1), steps = std::min<int64_t>(max_iters, std::min(m, n));
   TORCH_CHECK_VALUE(at::isfinite(A).all().item<bool>(), "prune_ext: W contains NaN or Inf");
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  Tensor v = gaussian(n, 1, gen, A.options());
+  Tensor v = sketch(A, n, 1, seed, 0);
   v = v / at::linalg_vector_norm(v, 2);
   std::vector<Tensor> Us, Vs{v};
   std::vector<double> alpha, beta;

@@ -5,26 +5,15 @@
 
 #include <ATen/ATen.h>
 
+#include "restrain_math.h"
+
 #include <tuple>
 #include <vector>
 
 namespace prune_ext {
 
-// Layout of the float64 stats vector returned by restrain_ (one row per matrix for restrain_many_).
-enum Stat : int64_t {
-  kStatRestrained = 0,     // k: number of singular values above the threshold (changed)
-  kStatRankExplored = 1,   // l: size of the subspace the values were searched in (min(m, n) for dense)
-  kStatSigmaNextBound = 2, // certified upper bound on σ_{k+1}(ΔW), the largest value left unchanged
-  kStatCertified = 3,      // 1 if sigma_next_bound <= threshold (up to rounding), else 0
-  kStatMethod = 4,         // Method below
-  kStatPowerIters = 5,     // power (subspace) iterations spent
-  kStatResidual = 6,       // ‖(I − QQᵀ)ΔW‖_F, the part of ΔW outside the explored subspace
-  kStatRitzResidual = 7,   // max ‖ΔW v_i − σ_i u_i‖ over the changed triplets, or its bound ‖(I − QQᵀ)ΔW‖_F
-                           // when that already meets the accuracy target (accuracy of the correction)
-  kNumStats = 8,
-};
-
-enum Method : int64_t { kMethodNone = 0, kMethodRandomized = 1, kMethodDense = 2, kMethodNormBound = 3 };
+// The float64 stats vector returned by restrain_ (one row per matrix for restrain_many_) is laid out as
+// Stat in restrain_math.h says.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> restrain_(
     at::Tensor& delta, double threshold, int64_t fn, double param, int64_t rank, int64_t oversample,
@@ -42,5 +31,19 @@ at::Tensor spectral_norm(const at::Tensor& W, double rtol, int64_t max_iters, in
 void check_restraint_args(double threshold, int64_t fn, double param);
 void check_matrix(const at::Tensor& t, const char* name);
 void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
+
+// Internal operators with a kernel per backend (csrc/cpu, csrc/cuda), called by the algorithms above
+// through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), gram (L, l, l), all float64.
+//   _sketch(like, rows, cols, seed, offset): rows × cols of sketch_entry(seed, offset + i·cols + j), in
+//       like's dtype and device.
+//   _sym_eig(gram): eigenvalues (ascending) and eigenvectors of each symmetric matrix; never reads
+//       anything back to the host (on CUDA, cuSOLVER's info flag stays on the device).
+//   _summarize_rounds(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters):
+//       summarize_round (restrain_math.h) per matrix → before, after, coeff (L, l) and stats (L, 8).
+at::Tensor sketch(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor> sym_eig(const at::Tensor& gram);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(
+    const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,
+    double band_factor, int64_t fn, double param, int64_t power_iters);
 
 }  // namespace prune_ext

@@ -50,11 +50,12 @@ class RestrainInfo:
     @classmethod
     def _from_op(cls, threshold: float, before: torch.Tensor, after: torch.Tensor, stats: torch.Tensor):
         s = stats.tolist()
+        k = int(s[0])  # the op returns more values than the k changed ones in fixed-rank mode (no host read)
         return cls(
             threshold=threshold,
-            restrained=int(s[0]),
-            sigma_before=before.cpu(),
-            sigma_after=after.cpu(),
+            restrained=k,
+            sigma_before=before[:k].cpu(),
+            sigma_after=after[:k].cpu(),
             rank_explored=int(s[1]),
             sigma_next_bound=s[2],
             certified=bool(s[3]),
@@ -150,7 +151,10 @@ def restrain(
         fn: ``"log"`` (the paper's main F) or ``"linear"`` (appendix C.3, with ``beta``).
         generator / seed: the random sketch's seed; results are deterministic for a given seed
             (default: a fixed seed).
-        rank: fix the sketch size instead of growing it until certified (no dense fallback).
+        rank: fix the sketch size instead of growing it until certified (no dense fallback). This mode
+            reads nothing back to the host (on a GPU: no synchronisation, so it can be captured in a CUDA
+            graph); it therefore does not check ΔW for NaN or Inf, and ``info.certified`` says whether
+            the rank sufficed.
         oversample: extra sketch columns beyond the number of values above the threshold.
         power_iters: adaptive mode: the most subspace iterations before falling back to a dense SVD;
             fixed-rank mode: exactly this many.
@@ -217,8 +221,7 @@ def restrain_many(
             mats, thresholds, code, param, rank or 0, oversample, power_iters, _seed(generator, seed)
         )
     if return_info:
-        infos = [RestrainInfo._from_op(t, b[: int(s[0])], a[: int(s[0])], s)
-                 for t, b, a, s in zip(thresholds, before, after, stats)]
+        infos = [RestrainInfo._from_op(t, b, a, s) for t, b, a, s in zip(thresholds, before, after, stats)]
         return mats, infos
     return mats
 

@@ -1,7 +1,11 @@
-// CPU kernels: the device-generic algorithms (LAPACK/BLAS through ATen) and the elementwise F.
+// CPU kernels: the device-generic algorithms (LAPACK/BLAS through ATen), the elementwise F, and the
+// internal building blocks over the shared math of restrain_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "../restrain.h"
 #include "../restrain_math.h"
@@ -25,6 +29,43 @@ at::Tensor restrain_values_cpu(const at::Tensor& sigma, double threshold, int64_
   return out;
 }
 
+at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset) {
+  at::Tensor out = at::empty({rows, cols}, like.options().device(at::kCPU));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sketch_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows * cols, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        dst[i] = static_cast<scalar_t>(sketch_entry(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + i)));
+    });
+  });
+  return out;
+}
+
+// NaN or Inf gives NaN results, as on CUDA (where the check would cost a synchronisation), not an error.
+std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& gram) {
+  if (at::isfinite(gram).all().item<bool>()) return at::linalg_eigh(gram);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  return {at::full({gram.size(0), gram.size(1)}, nan, gram.options()), at::full_like(gram, nan)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds_cpu(
+    const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,
+    double band_factor, int64_t fn, double param, int64_t power_iters) {
+  const int64_t L = s.size(0), l = s.size(1);
+  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == L, "prune_ext: one threshold per matrix");
+  const at::Tensor sv = s.to(at::kDouble).contiguous();
+  const at::Tensor rv = resid_sq.to(at::kDouble).contiguous(), fv = frob.to(at::kDouble).contiguous();
+  auto opts = sv.options();
+  at::Tensor before = at::empty({L, l}, opts), after = at::empty({L, l}, opts), coeff = at::empty({L, l}, opts);
+  at::Tensor stats = at::empty({L, kNumStats}, opts);
+  for (int64_t i = 0; i < L; ++i)
+    summarize_round(sv.data_ptr<double>() + i * l, l, rv.data_ptr<double>()[i], fv.data_ptr<double>()[i],
+                    thresholds[i], thresholds[i] * band_factor, fn, param, power_iters,
+                    before.data_ptr<double>() + i * l, after.data_ptr<double>() + i * l,
+                    coeff.data_ptr<double>() + i * l, stats.data_ptr<double>() + i * kNumStats);
+  return {before, after, coeff, stats};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prune_ext, CPU, m) {
@@ -33,6 +74,9 @@ TORCH_LIBRARY_IMPL(prune_ext, CPU, m) {
   m.impl("restrain_values", &restrain_values_cpu);
   m.impl("factored_svd", &factored_svd);
   m.impl("spectral_norm", &spectral_norm);
+  m.impl("_sketch", &sketch_cpu);
+  m.impl("_sym_eig", &sym_eig_cpu);
+  m.impl("_summarize_rounds", &summarize_rounds_cpu);
 }
 
 }  // namespace prune_ext

@@ -5,6 +5,9 @@
 //   device guard for the input's device and on the current stream. The numerical logic is the one the CPU
 //   tests exercise.
 // * restrain_values: an elementwise kernel over the F of csrc/restrain_math.h (the code the CPU runs).
+// * _sketch, _summarize_rounds: the sketch entries and the per-round summary of restrain_math.h (the code
+//   the CPU runs), so that the algorithm never copies from the host; _sym_eig: cusolverDnXsyevd with its
+//   info flag left on the device (ATen's linalg_eigh reads it back, a synchronisation).
 // * restrain_gesvdr_: cuSOLVER's randomized SVD (cusolverDnXgesvdr) for the top triplets, then the
 //   restraint-and-scale step as one fused kernel (F from restrain_math.h) and the rank-k correction as
 //   one in-place GEMM. Selectable alternative to compare against; it has no certificate.
@@ -71,6 +74,104 @@ Tensor restrain_values_cuda(const Tensor& sigma, double threshold, int64_t fn, d
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Internal building blocks (csrc/restrain.h).
+
+template <typename scalar_t>
+__global__ void sketch_kernel(scalar_t* __restrict__ out, int64_t n, uint64_t seed, int64_t offset) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    out[i] = static_cast<scalar_t>(sketch_entry(seed, static_cast<uint64_t>(offset + i)));
+}
+
+Tensor sketch_cuda(const Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset) {
+  c10::cuda::CUDAGuard guard(like.device());
+  Tensor out = at::empty({rows, cols}, like.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sketch_cuda", [&] {
+    sketch_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        out.mutable_data_ptr<scalar_t>(), n, static_cast<uint64_t>(seed), offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// One thread per matrix: summarize_round over l values (l is a few hundred at most). The thresholds travel
+// by value in the kernel's arguments (a captured CUDA graph replays them as they were; a host buffer
+// copied through the stream could have been reused by then), kMaxPerLaunch matrices a launch.
+constexpr int64_t kMaxPerLaunch = 64;
+struct Thresholds {
+  double v[kMaxPerLaunch];
+};
+
+__global__ void summarize_rounds_kernel(const double* __restrict__ s, const double* __restrict__ resid_sq,
+                                        const double* __restrict__ frob, Thresholds thresholds, int64_t L,
+                                        int64_t l, double band_factor, int64_t fn, double param,
+                                        int64_t power_iters, double* before, double* after, double* coeff,
+                                        double* stats) {
+  const int64_t i = threadIdx.x;
+  if (i >= L) return;
+  const double t = thresholds.v[i];
+  summarize_round(s + i * l, l, resid_sq[i], frob[i], t, t * band_factor, fn, param, power_iters, before + i * l,
+                  after + i * l, coeff + i * l, stats + i * kNumStats);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds_cuda(const Tensor& s, const Tensor& resid_sq,
+                                                                 const Tensor& frob, at::ArrayRef<double> thresholds,
+                                                                 double band_factor, int64_t fn, double param,
+                                                                 int64_t power_iters) {
+  c10::cuda::CUDAGuard guard(s.device());
+  const int64_t L = s.size(0), l = s.size(1);
+  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == L, "prune_ext: one threshold per matrix");
+  const Tensor sv = s.to(at::kDouble).contiguous();
+  const Tensor rv = resid_sq.to(at::kDouble).contiguous(), fv = frob.to(at::kDouble).contiguous();
+  auto opts = sv.options();
+  Tensor before = at::empty({L, l}, opts), after = at::empty({L, l}, opts), coeff = at::empty({L, l}, opts);
+  Tensor stats = at::empty({L, kNumStats}, opts);
+  for (int64_t i0 = 0; i0 < L; i0 += kMaxPerLaunch) {
+    const int64_t n = std::min(kMaxPerLaunch, L - i0);
+    Thresholds th{};
+    std::copy(thresholds.begin() + i0, thresholds.begin() + i0 + n, th.v);
+    summarize_rounds_kernel<<<1, kMaxPerLaunch, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        sv.const_data_ptr<double>() + i0 * l, rv.const_data_ptr<double>() + i0, fv.const_data_ptr<double>() + i0,
+        th, n, l, band_factor, fn, param, power_iters, before.mutable_data_ptr<double>() + i0 * l,
+        after.mutable_data_ptr<double>() + i0 * l, coeff.mutable_data_ptr<double>() + i0 * l,
+        stats.mutable_data_ptr<double>() + i0 * kNumStats);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {before, after, coeff, stats};
+}
+
+// Eigen-decompositions of L symmetric float64 l × l matrices, one cusolverDnXsyevd each on the current
+// stream; a failure (only possible for NaN input) leaves NaN in the outputs, which the caller's
+// certificate rejects, instead of a host-side check.
+std::tuple<Tensor, Tensor> sym_eig_cuda(const Tensor& gram) {
+  c10::cuda::CUDAGuard guard(gram.device());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.scalar_type() == at::kDouble,
+              "prune_ext: _sym_eig takes (L, l, l) float64 symmetric matrices");
+  const int64_t L = gram.size(0), l = gram.size(1);
+  Tensor A = gram.contiguous().clone();  // overwritten with the eigenvectors (column-major)
+  Tensor W = at::empty({L, l}, gram.options());
+  if (L == 0 || l == 0) return {W, A};
+  SolverContext ctx = solver_context(gram.device().index());
+  size_t dev_bytes = 0, host_bytes = 0;
+  PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR,
+                                                       CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, A.data_ptr(), l,
+                                                       CUDA_R_64F, W.data_ptr(), CUDA_R_64F, &dev_bytes,
+                                                       &host_bytes));
+  Tensor dwork = at::empty({static_cast<int64_t>(std::max<size_t>(dev_bytes, 1))}, gram.options().dtype(at::kByte));
+  std::vector<char> hwork(std::max<size_t>(host_bytes, 1));
+  Tensor info = at::empty({L}, gram.options().dtype(at::kInt));
+  for (int64_t i = 0; i < L; ++i)
+    PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd(
+        ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F,
+        A[i].data_ptr(), l, CUDA_R_64F, W[i].data_ptr(), CUDA_R_64F, dwork.data_ptr(), dev_bytes,
+        host_bytes > 0 ? hwork.data() : nullptr, host_bytes, info.data_ptr<int>() + i));
+  // Column-major eigenvectors read row-major are the transpose.
+  return {W, A.transpose(1, 2)};
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The device-generic algorithms, under a device guard (they enqueue on the current stream of that device).
 
 std::tuple<Tensor, Tensor, Tensor> restrain_cuda(Tensor& delta, double threshold, int64_t fn, double param,
@@ -85,12 +186,7 @@ auto restrain_many_cuda(at::TensorList deltas, at::ArrayRef<double> thresholds, 
                         int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed)
     -> decltype(restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)) {
   TORCH_CHECK_VALUE(!deltas.empty(), "prune_ext: restrain_many_ got no matrices");
-  const at::Device device = deltas[0].device();
-  for (const Tensor& d : deltas)
-    TORCH_CHECK_VALUE(d.device() == device, "prune_ext: restrain_many_ needs every matrix on one device, got ",
-                      device, " and ", d.device());
-  c10::cuda::CUDAGuard guard(device);
-  // Per matrix, in order: bit-for-bit the result of restrain_ on each (same seed, same sketches).
+  c10::cuda::CUDAGuard guard(deltas[0].device());
   return restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed);
 }
 
@@ -291,6 +387,9 @@ TORCH_LIBRARY_IMPL(prune_ext, CUDA, m) {
   m.impl("factored_svd", &cuda::factored_svd_cuda);
   m.impl("spectral_norm", &cuda::spectral_norm_cuda);
   m.impl("restrain_gesvdr_", &cuda::restrain_gesvdr_cuda);
+  m.impl("_sketch", &cuda::sketch_cuda);
+  m.impl("_sym_eig", &cuda::sym_eig_cuda);
+  m.impl("_summarize_rounds", &cuda::summarize_rounds_cuda);
 }
 
 }  // namespace prune_ext
