@@ -108,9 +108,11 @@ Tensor residual_sq(const Tensor& A, const Tensor& Q, const Tensor& B) {
   const int64_t m = A.size(0);
   const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, A.size(1)));
   Tensor acc = at::zeros({}, A.options().dtype(at::kDouble));
+  Tensor buf = at::empty({std::min(rows, m), A.size(1)}, A.options());  // one block buffer, reused
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t nr = std::min(rows, m - r0);
-    Tensor R = at::addmm(A.narrow(0, r0, nr), Q.narrow(0, r0, nr), B, 1, -1);
+    Tensor R = buf.narrow(0, 0, nr);
+    at::addmm_out(R, A.narrow(0, r0, nr), Q.narrow(0, r0, nr), B, 1, -1);
     acc += at::linalg_vector_norm(R, 2).to(at::kDouble).square();
   }
   return acc;

@@ -34,7 +34,7 @@ void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
 
 // Internal operators with a kernel per backend (csrc/cpu, csrc/cuda), called by the algorithms above
 // through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), gram (L, l, l), all float64.
-//   _sketch(like, rows, cols, seed, offset): rows × cols of sketch_entry(seed, offset + i·cols + j), in
+//   _sketch(like, rows, cols, seed, offset): rows × cols of the sketch entries offset + i·cols + j (sketch_entries), in
 //       like's dtype and device.
 //   _sym_eig(gram): eigenvalues (ascending) and eigenvectors of each symmetric matrix; never reads
 //       anything back to the host (on CUDA, cuSOLVER's info flag stays on the device).

@@ -45,9 +45,13 @@ C10_HOST_DEVICE inline T restraint_shrink(T sigma, T threshold, int64_t fn, T pa
   return sigma - restrained_value(sigma, threshold, fn, param);
 }
 
-// Entry `index` of the Gaussian sketch drawn from `seed`: a counter-based generator (SplitMix64 hashing
-// and Box–Muller, in float64), so that any entry is computed independently on any device — the CPU and
-// the GPU draw the same sketch for a seed, and a GPU draws it without a host round trip (CUDA graphs).
+// The random sketch: Rademacher entries (±1 with equal probability) from a counter-based generator —
+// entry i is bit i mod 64 of SplitMix64(seed ^ SplitMix64(⌊i / 64⌋)). Any entry is computed on its own on
+// any device, so the CPU and the GPU draw the same sketch for a seed, bit for bit (±1 is exact in every
+// dtype), and a GPU draws it without a host round trip (CUDA graphs). Sign matrices find ranges as well
+// as Gaussian ones in practice (Halko, Martinsson & Tropp 2011, §4.6; Tropp et al. 2017), cost a hash
+// per 64 entries, and the certificate never depends on how the sketch was drawn: an unlucky one only
+// costs another round.
 C10_HOST_DEVICE inline uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -55,12 +59,18 @@ C10_HOST_DEVICE inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-C10_HOST_DEVICE inline double sketch_entry(uint64_t seed, uint64_t index) {
-  const uint64_t a = splitmix64(seed ^ splitmix64(index));
-  const uint64_t b = splitmix64(a);
-  const double u1 = (static_cast<double>(a >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]: log(u1) is finite
-  const double u2 = static_cast<double>(b >> 11) * 0x1.0p-53;          // [0, 1)
-  return ::sqrt(-2.0 * ::log(u1)) * ::cos(6.283185307179586 * u2);
+// Writes the sketch entries offset, offset + 1, …, offset + count − 1 to out.
+template <typename T>
+C10_HOST_DEVICE inline void sketch_entries(uint64_t seed, uint64_t offset, int64_t count, T* out) {
+  uint64_t block = ~0ull, bits = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint64_t index = offset + static_cast<uint64_t>(i);
+    if ((index >> 6) != block) {
+      block = index >> 6;
+      bits = splitmix64(seed ^ splitmix64(block));
+    }
+    out[i] = ((bits >> (index & 63)) & 1) ? T(1) : T(-1);
+  }
 }
 
 // Everything one round of the randomized restraint decides from the Ritz values s[0..l) (descending) of

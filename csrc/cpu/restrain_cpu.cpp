@@ -34,8 +34,7 @@ at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sketch_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows * cols, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        dst[i] = static_cast<scalar_t>(sketch_entry(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + i)));
+      sketch_entries(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + begin), end - begin, dst + begin);
     });
   });
   return out;

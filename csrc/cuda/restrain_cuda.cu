@@ -5,7 +5,7 @@
 //   device guard for the input's device and on the current stream. The numerical logic is the one the CPU
 //   tests exercise.
 // * restrain_values: an elementwise kernel over the F of csrc/restrain_math.h (the code the CPU runs).
-// * _sketch, _summarize_rounds: the sketch entries and the per-round summary of restrain_math.h (the code
+// * _sketch, _summarize_rounds: the (Rademacher) sketch entries and the per-round summary of restrain_math.h (the code
 //   the CPU runs), so that the algorithm never copies from the host; _sym_eig: cusolverDnXsyevd with its
 //   info flag left on the device (ATen's linalg_eigh reads it back, a synchronisation).
 // * restrain_gesvdr_: cuSOLVER's randomized SVD (cusolverDnXgesvdr) for the top triplets, then the
@@ -80,7 +80,7 @@ template <typename scalar_t>
 __global__ void sketch_kernel(scalar_t* __restrict__ out, int64_t n, uint64_t seed, int64_t offset) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-    out[i] = static_cast<scalar_t>(sketch_entry(seed, static_cast<uint64_t>(offset + i)));
+    sketch_entries(seed, static_cast<uint64_t>(offset + i), 1, out + i);
 }
 
 Tensor sketch_cuda(const Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset) {
