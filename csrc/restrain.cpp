@@ -297,7 +297,7 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
   const double floor_ok = 1e3 * u * frob;
   double last_res = -1;
   while (true) {
-    if (st[kStatMethod] == kMethodNormBound) return set_result(j, 0);
+    if (static_cast<int64_t>(st[kStatMethod]) == kMethodNormBound) return set_result(j, 0);
     const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
     if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
       if (!grow(j, k, c)) return dense(j, frob, c);
@@ -385,9 +385,8 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), j->stats}));
   if (parts.empty()) return;
   const std::vector<double> host = to_host(at::cat(parts));
-  std::vector<double> frobs;
-  for (Job* j : small) frobs.push_back(host[frobs.size()]);
   const size_t offset = small.size();
+  std::vector<double> frobs(host.begin(), host.begin() + offset);
   for (size_t i = 0; i < randomized.size(); ++i) frobs.push_back(host[offset + i * (kNumStats + 1)]);
   std::vector<Job*> all(small);
   all.insert(all.end(), randomized.begin(), randomized.end());
