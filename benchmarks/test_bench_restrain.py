@@ -47,3 +47,38 @@ def test_full_svd(benchmark, case):
     delta, U, s, V = case
     out = benchmark.pedantic(with_full_svd, args=(delta, T), rounds=1)
     assert rel_error(out, U, s, V, T) < 1e-3
+
+
+# Five MEMIT-sized layers (SmolLM2-135M down_proj, 576 × 1536, ΔW of rank 200): one restrain_many call
+# against five restrain calls, and the fixed-rank mode (no host read) against the adaptive one.
+LAYER = (576, 1536, 200)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return [make_update(*LAYER[:2], LAYER[2], T, seed=i) for i in range(5)]
+
+
+@pytest.mark.parametrize("how", ["restrain_many", "one_by_one"])
+def test_five_layers(benchmark, layers, how):
+    def run(ds):
+        if how == "restrain_many":
+            prune_ext.restrain_many(ds, T, ALPHA)
+        else:
+            for d in ds:
+                prune_ext.restrain(d, T, ALPHA)
+        return ds
+
+    for out, (_, U, s, V) in zip(run([d.clone() for d, *_ in layers]), layers):
+        assert rel_error(out, U, s, V, T) < 1e-4
+    benchmark.pedantic(run, setup=lambda: (([d.clone() for d, *_ in layers],), {}), rounds=5)
+
+
+@pytest.mark.parametrize("rank", [None, 256])
+def test_fixed_rank(benchmark, layers, rank):
+    delta, U, s, V = layers[0]
+    kw = {"rank": rank, "power_iters": 0} if rank else {}  # rank 256 > rank(ΔW): no power iterations needed
+    out, info = prune_ext.restrain(delta.clone(), T, ALPHA, return_info=True, **kw)
+    assert info.certified and rel_error(out, U, s, V, T) < 1e-4
+    benchmark.pedantic(lambda d: prune_ext.restrain(d, T, ALPHA, **kw), setup=lambda: ((delta.clone(),), {}),
+                       rounds=5)
