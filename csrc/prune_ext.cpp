@@ -21,7 +21,8 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(prune_ext, m) {
   // In place on `delta`. Returns (sigma_before, sigma_after, stats): the restrained singular values
   // before and after F (float64, length k) and the float64 stats vector described in restrain.h.
-  // fn: 0 = log (param = α), 1 = linear (param = β). rank > 0 fixes the sketch size (no growth).
+  // fn: 0 = log (param = α), 1 = linear (param = β). rank > 0 fixes the sketch size (no growth, no host
+  // read): then sigma_before / sigma_after hold all min(rank, min(m, n)) Ritz values, the first k changed.
   m.def(
       "restrain_(Tensor(a!) delta, float threshold, int fn, float param, int rank, int oversample, "
       "int power_iters, int seed) -> (Tensor, Tensor, Tensor)");

@@ -1,6 +1,7 @@
 // Device-generic implementations (ATen calls only), registered for CPU in csrc/cpu/ and for CUDA in
 // csrc/cuda/. Everything large is a GEMM or a QR; every decision is taken on a few host scalars, read
-// in one transfer per round (a low-rank input certified at once costs one device-to-host read).
+// in one transfer per call for all its matrices (one more per extra round of a matrix that needs it);
+// the fixed-rank mode reads nothing back.
 #pragma once
 
 #include <ATen/ATen.h>

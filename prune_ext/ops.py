@@ -19,7 +19,11 @@ def restrain_(
     delta: torch.Tensor, threshold: float, fn: int, param: float, rank: int, oversample: int, power_iters: int,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place on ``delta``; returns (sigma_before, sigma_after, stats), all float64."""
+    """In place on ``delta``; returns (sigma_before, sigma_after, stats), all float64 on delta's device.
+
+    sigma_before / sigma_after hold the k changed values; in fixed-rank mode (rank > 0) all min(rank,
+    min(m, n)) Ritz values instead (a shape known in advance, no host read), of which the first k changed.
+    """
     return _ops.restrain_.default(delta, threshold, fn, param, rank, oversample, power_iters, seed)
 
 
