@@ -192,8 +192,11 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             if n in trace.done:
                 continue
             start = time.perf_counter()
-            # once-at-the-end schedule: the restrained folder shows W'_N = W + restrained ΔW now
-            weights = s.weights(restrained=restrained and config.every is None and config.restrain != "none")
+            # once-at-the-end schedule: the restrained folder shows W'_N = W + restrained ΔW now (that
+            # restraint happens here, not in the session, so it is timed here)
+            restrain_now = restrained and config.every is None and config.restrain != "none"
+            weights = s.weights(restrained=restrain_now)
+            restrain_seconds = time.perf_counter() - start if restrain_now else 0.0
             with s.using(weights):
                 row = {"edits": n, "final": final}
                 row.update({k: v for k, v in evaluate_edits(model, tok, requests[:n], style, baseline=baseline,
@@ -213,7 +216,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
                 for name, d in diags.items()
             }
             row["seconds"] = {"edit": s.edit_seconds,
-                              "restrain": sum(r.get("seconds", 0.0) for r in s.restraints),
+                              "restrain": sum(r.get("seconds", 0.0) for r in s.restraints) + restrain_seconds,
                               "eval": time.perf_counter() - start}
             trace.write(row)
             trace.done.add(n)

@@ -42,6 +42,8 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
             (mat,) = row["matrices"].values()
             assert mat["condition_number"] == pytest.approx(mat["sigma_max"] / mat["sigma_min"])
         assert json.loads((tmp_path / folder / "results.json").read_text()) == rows[-1]
+        # the once-at-the-end restraint is computed (and timed) at each checkpoint of the restrained run
+        assert (rows[-1]["seconds"]["restrain"] > 0) == (folder == "prune")
     # the two folders share every edit; they differ only by the restraint
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     (mat,) = final["matrices"].values()
