@@ -347,6 +347,30 @@ def test_restrain_many_batches_equal_shapes_like_one_by_one(device, rank):
                                                                           j.rank_explored)
 
 
+def host_reads(fn) -> int:
+    """Reads of decisions back to the host during fn() (one device-to-host transfer each on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "prune_ext::host_read" for e in prof.events())
+
+
+def test_host_reads_per_call(device):
+    """The synchronisation budget, counted on any device: one read per call in the common case (low
+    rank, certified at once) however many matrices, none in fixed-rank mode, one more per extra round."""
+    low = [matrix_with_spectrum(*sh, spectrum("spikes", 40, 1.0, seed=i), seed=i, device=device)
+           for i, sh in enumerate([(300, 200), (300, 200), (200, 300), (400, 500), (300, 200)])]
+    assert host_reads(lambda: prune_ext.restrain(low[0].clone(), 1.0)) == 1
+    assert host_reads(lambda: prune_ext.restrain_many([m.clone() for m in low], 1.0)) == 1
+    below = matrix_with_spectrum(300, 200, spectrum("below", 40, 1.0), device=device)
+    assert host_reads(lambda: prune_ext.restrain(below.clone(), 1.0)) == 1
+    for rank in (32, 64):
+        assert host_reads(lambda r=rank: prune_ext.restrain(low[0].clone(), 1.0, rank=r)) == 0
+        assert host_reads(lambda r=rank: prune_ext.restrain_many([m.clone() for m in low], 1.0, rank=r)) == 0
+    wide = matrix_with_spectrum(400, 500, spectrum("decaying", 100, 1.0), device=device)  # rank 100 > 64
+    _, info = prune_ext.restrain(wide.clone(), 1.0, return_info=True)
+    assert info.rank_explored == 128 and host_reads(lambda: prune_ext.restrain(wide.clone(), 1.0)) == 2
+
+
 def test_restrain_many_with_nan_anywhere_writes_nothing():
     mats = [matrix_with_spectrum(300, 200, spectrum("spikes", 40, 1.0, seed=i), seed=i) for i in range(3)]
     mats[2][4, 4] = float("nan")
