@@ -153,8 +153,9 @@ def restrain(
             (default: a fixed seed).
         rank: fix the sketch size instead of growing it until certified (no dense fallback). This mode
             reads nothing back to the host (on a GPU: no synchronisation, so it can be captured in a CUDA
-            graph); it therefore does not check ΔW for NaN or Inf, and ``info.certified`` says whether
-            the rank sufficed.
+            graph; pass ``W_sigma_max`` as a float there, since a tensor is read with ``.item()``); it
+            therefore does not check ΔW for NaN or Inf (such a ΔW is left as it is, uncertified), and
+            ``info.certified`` says whether the rank sufficed.
         oversample: extra sketch columns beyond the number of values above the threshold.
         power_iters: adaptive mode: the most subspace iterations before falling back to a dense SVD;
             fixed-rank mode: exactly this many.
