@@ -52,10 +52,10 @@ Tensor sketch(const Tensor& like, int64_t rows, int64_t cols, int64_t seed, int6
   return op.call(like, rows, cols, seed, offset);
 }
 
-std::tuple<Tensor, Tensor> sym_eig(const Tensor& gram) {
+std::tuple<Tensor, Tensor, Tensor> sym_eig(const Tensor& gram) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("prune_ext::_sym_eig", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&)>();
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>();
   return op.call(gram);
 }
 
@@ -167,10 +167,13 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
     frob.push_back(j->frob);
     thresholds.push_back(j->t);
   }
-  auto [evals, evecs] = sym_eig(at::stack(grams));
+  auto [evals, evecs, info] = sym_eig(at::stack(grams));
   const Tensor s = evals.flip(-1).clamp_min(0).sqrt();
   const Tensor Ub = evecs.flip(-1);
-  auto [before, after, coeff, stats] = summarize_rounds(s, at::stack(resid), at::stack(frob), thresholds,
+  // A failed eigensolve is summarised as a non-finite ΔW would be: nothing changes, nothing is
+  // certified (the adaptive search then grows the subspace or goes dense).
+  const Tensor frob_or_nan = at::where(info == 0, at::stack(frob), std::numeric_limits<double>::quiet_NaN());
+  auto [before, after, coeff, stats] = summarize_rounds(s, at::stack(resid), frob_or_nan, thresholds,
                                                         band_factor(*js[0]), c.fn, c.param, js[0]->powers);
   for (size_t i = 0; i < js.size(); ++i) {
     Job& j = *js[i];

@@ -40,11 +40,17 @@ at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_
   return out;
 }
 
-// NaN or Inf gives NaN results, as on CUDA (where the check would cost a synchronisation), not an error.
-std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& gram) {
-  if (at::isfinite(gram).all().item<bool>()) return at::linalg_eigh(gram);
+// LAPACK's eigensolver raises on a failure with finite input; NaN or Inf gives NaN results and a
+// nonzero info (as cuSOLVER would report it on CUDA, where raising would cost a synchronisation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& gram) {
+  const at::Tensor finite = at::isfinite(gram).flatten(1).all(1);
+  if (finite.all().item<bool>()) {
+    auto [w, v] = at::linalg_eigh(gram);
+    return {w, v, at::zeros({gram.size(0)}, gram.options().dtype(at::kInt))};
+  }
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  return {at::full({gram.size(0), gram.size(1)}, nan, gram.options()), at::full_like(gram, nan)};
+  return {at::full({gram.size(0), gram.size(1)}, nan, gram.options()), at::full_like(gram, nan),
+          (~finite).to(at::kInt)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds_cpu(

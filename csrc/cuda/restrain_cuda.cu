@@ -143,16 +143,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds_cuda(const Tensor& s
 }
 
 // Eigen-decompositions of L symmetric float64 l × l matrices, one cusolverDnXsyevd each on the current
-// stream; a failure (only possible for NaN input) leaves NaN in the outputs, which the caller's
-// certificate rejects, instead of a host-side check.
-std::tuple<Tensor, Tensor> sym_eig_cuda(const Tensor& gram) {
+// stream. cuSOLVER's info flags stay on the device and are returned: the caller treats a failed
+// decomposition as unusable (no change, no certificate) without a host-side check.
+std::tuple<Tensor, Tensor, Tensor> sym_eig_cuda(const Tensor& gram) {
   c10::cuda::CUDAGuard guard(gram.device());
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.scalar_type() == at::kDouble,
               "prune_ext: _sym_eig takes (L, l, l) float64 symmetric matrices");
   const int64_t L = gram.size(0), l = gram.size(1);
   Tensor A = gram.contiguous().clone();  // overwritten with the eigenvectors (column-major)
   Tensor W = at::empty({L, l}, gram.options());
-  if (L == 0 || l == 0) return {W, A};
+  Tensor info = at::zeros({L}, gram.options().dtype(at::kInt));
+  if (L == 0 || l == 0) return {W, A, info};
   SolverContext ctx = solver_context(gram.device().index());
   size_t dev_bytes = 0, host_bytes = 0;
   PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR,
@@ -161,14 +162,15 @@ std::tuple<Tensor, Tensor> sym_eig_cuda(const Tensor& gram) {
                                                        &host_bytes));
   Tensor dwork = at::empty({static_cast<int64_t>(std::max<size_t>(dev_bytes, 1))}, gram.options().dtype(at::kByte));
   std::vector<char> hwork(std::max<size_t>(host_bytes, 1));
-  Tensor info = at::empty({L}, gram.options().dtype(at::kInt));
   for (int64_t i = 0; i < L; ++i)
     PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd(
         ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F,
         A[i].data_ptr(), l, CUDA_R_64F, W[i].data_ptr(), CUDA_R_64F, dwork.data_ptr(), dev_bytes,
         host_bytes > 0 ? hwork.data() : nullptr, host_bytes, info.data_ptr<int>() + i));
   // Column-major eigenvectors read row-major are the transpose.
-  return {W, A.transpose(1, 2)};
+  // NaN input may come back with info 0 and NaN values: flag it like a failure (still on the device).
+  info.masked_fill_(at::logical_not(at::isfinite(W).all(1)), 1);
+  return {W, A.transpose(1, 2), info};
 }
 
 // ---------------------------------------------------------------------------------------------------
