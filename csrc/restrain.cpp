@@ -52,11 +52,11 @@ Tensor sketch(const Tensor& like, int64_t rows, int64_t cols, int64_t seed, int6
   return op.call(like, rows, cols, seed, offset);
 }
 
-std::tuple<Tensor, Tensor, Tensor> sym_eig(const Tensor& gram) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> small_svd(const Tensor& T) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("prune_ext::_sym_eig", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>();
-  return op.call(gram);
+                       .findSchemaOrThrow("prune_ext::_small_svd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&)>();
+  return op.call(T);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, const Tensor& resid_sq,
@@ -78,7 +78,8 @@ constexpr int64_t kGrowth = 2;           // subspace growth factor (doubling: at
 constexpr int64_t kDenseBelow = 96;      // min(m, n) at or below which a dense SVD is simply cheaper
 constexpr int64_t kRowBlockElems = 1 << 23;  // rows per block in residual passes: bounded memory
 constexpr int64_t kWidenBelow = 512;         // dense float32 matrices this small are done in float64…
-constexpr int64_t kWidenElems = 1 << 21;     // …if they also have at most this many entries
+constexpr int64_t kWidenElems = 1 << 21;     // …if they also have at most this many entries,
+constexpr double kWidenRatio = 1e3;          // and any dense float32 matrix with ‖ΔW‖_F > this × t
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -153,24 +154,24 @@ struct Job {
 
 double band_factor(const Job& j) { return 1 + 16 * unit_roundoff(j.A.scalar_type()); }
 
-// Rayleigh–Ritz on span(Q) for jobs with subspaces of equal size, and their summaries: the l × l Gram
-// matrices BBᵀ (float64: every value above ~1e-7 σ1 stays accurate, far below any threshold of
-// interest) in one batched symmetric eigensolve, the residuals ‖A − QB‖_F², and one summary launch.
-// Nothing is read back to the host.
+// Rayleigh–Ritz on span(Q) for jobs of equal shape and subspace size, and their summaries: the SVD of
+// each B = QᵀA (l × n) from the R factor of Bᵀ = P R (batched QR) and the SVD of the small R (so the
+// Ritz vectors are as accurate as B itself: a Gram matrix BBᵀ would square B's dynamic range), the
+// residuals ‖A − QB‖_F², and one summary launch. Nothing is read back to the host.
 void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
-  std::vector<Tensor> grams, resid, frob;
+  std::vector<Tensor> Bts, resid, frob;
   std::vector<double> thresholds;
   for (Job* j : js) {
-    const Tensor Bd = j->B.to(at::kDouble);
-    grams.push_back(Bd.mm(Bd.t()));
+    Bts.push_back(j->B.t());
     resid.push_back(residual_sq(j->A, j->Q, j->B));
     frob.push_back(j->frob);
     thresholds.push_back(j->t);
   }
-  auto [evals, evecs, info] = sym_eig(at::stack(grams));
-  const Tensor s = evals.flip(-1).clamp_min(0).sqrt();
-  const Tensor Ub = evecs.flip(-1);
-  // A failed eigensolve is summarised as a non-finite ΔW would be: nothing changes, nothing is
+  const Tensor R = std::get<1>(at::linalg_qr(at::stack(Bts), "r"));
+  // R = X S Yh, so B = Rᵀ Pᵀ = Yhᵀ S (P X)ᵀ: B's left singular vectors are Yhᵀ.
+  auto [X, s, Yh, info] = small_svd(R.to(at::kDouble));
+  const Tensor Ub = Yh.transpose(1, 2);
+  // A failed decomposition is summarised as a non-finite ΔW would be: nothing changes, nothing is
   // certified (the adaptive search then grows the subspace or goes dense).
   const Tensor frob_or_nan = at::where(info == 0, at::stack(frob), std::numeric_limits<double>::quiet_NaN());
   auto [before, after, coeff, stats] = summarize_rounds(s, at::stack(resid), frob_or_nan, thresholds,
@@ -248,15 +249,22 @@ void check_finite(double frob, const Tensor& A) {
   TORCH_CHECK_VALUE(false, "prune_ext: ‖delta‖_F overflows ", A.scalar_type(), "; scale it down first");
 }
 
+// Float32 matrices go dense in float64 when they are small (cheap at that size), or when ‖ΔW‖_F / t is
+// so large that float32 cannot place the directions at the threshold's level (a float32 SVD resolves a
+// direction to about ε σ1 / gap): the result is then exact to its own rounding even when the
+// restraint removes most of ΔW's norm.
+bool widens(const Job& j, double frob) {
+  if (j.A.scalar_type() != at::kFloat) return false;
+  return (j.p <= kWidenBelow && j.A.numel() <= kWidenElems) || frob > kWidenRatio * j.t;
+}
+
 // A dense SVD: for small matrices, and where the sketch cannot resolve the spectrum cheaply.
 void dense(Job& j, double frob, const Config& c) {
   double stats[kNumStats] = {0, 0, 0, 1, kMethodNormBound, 0, frob, 0};
   stats[kStatSigmaNextBound] = frob;
   if (frob <= j.t) return set_host_result(j, {}, {}, stats);  // σmax ≤ ‖ΔW‖_F ≤ t: nothing above
-  // Small float32 matrices are decomposed and corrected in float64 (cheap at this size): the result
-  // is then exact to its own rounding even when the restraint removes most of ΔW's norm.
   const Tensor& A = j.A;
-  const bool widen = A.scalar_type() == at::kFloat && j.p <= kWidenBelow && A.numel() <= kWidenElems;
+  const bool widen = widens(j, frob);
   const Tensor Aw = widen ? A.to(at::kDouble) : A;
   auto [U, S, Vh] = at::linalg_svd(Aw, false);
   const std::vector<double> s = to_host(S);
@@ -283,6 +291,10 @@ void dense(Job& j, double frob, const Config& c) {
   if (!j.in_place) j.delta.copy_(j.A);
 }
 
+// What the host reads of a round: the stats row and max_i |σ_i − F(σ_i)| / σ_i, the factor by which F
+// scales the error of a Ritz pair into the correction (large where F is steep: small thresholds, α near 1).
+Tensor round_read(const Job& j) { return at::cat({j.stats, j.coeff.abs().max().reshape({1})}); }
+
 // Grows the subspace by kGrowth (or to fit k + oversample); false when a dense SVD is cheaper.
 bool grow(Job& j, int64_t k, const Config& c) {
   const int64_t target = std::min(j.p, std::max(kGrowth * j.l, k + 2 * c.oversample));
@@ -299,8 +311,8 @@ bool grow(Job& j, int64_t k, const Config& c) {
 // iterations sharpen the Ritz vectors, or a dense SVD takes over. Later rounds read one stats row each.
 void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& c) {
   const double u = unit_roundoff(j.A.scalar_type());
-  // Ritz residuals that make the correction accurate to ~1e-6 (float32) / ~1e-11 (float64) of ‖ΔW‖_F,
-  // and the rounding floor they cannot go below.
+  // Correction errors (Ritz residual × F's amplification) of ~1e-6 (float32) / ~1e-11 (float64) of
+  // ‖ΔW‖_F are the target, and the rounding floor of the working precision the limit.
   const double accuracy = (j.A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
   const double floor_ok = 1e3 * u * frob;
   double last_res = -1;
@@ -310,15 +322,16 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
     if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
       if (!grow(j, k, c)) return dense(j, frob, c);
       ritz_rounds({&j}, c);
-      st = to_host(j.stats);
+      st = to_host(round_read(j));
       continue;
     }
     if (k == 0) return set_result(j, 0);
+    const double amp = std::max(1.0, st[kNumStats]);
     // ‖R‖_F bounds every Ritz residual (QB v_i = σ_i u_i, so ΔW v_i − σ_i u_i = R v_i); only when it
     // misses the accuracy target are the residuals computed one by one.
     const double resid = st[kStatResidual];
     double max_res = resid;
-    if (resid > accuracy) {
+    if (resid * amp > accuracy) {
       const at::ScalarType ct = j.A.scalar_type();
       const Tensor Ub_k = j.Ub.narrow(1, 0, k), s_k = j.s.narrow(0, 0, k);
       const Tensor V_k = (j.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(ct);
@@ -326,9 +339,10 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
       const Tensor ritz = at::linalg_vector_norm(j.A.mm(V_k) - U_k * s_k.to(ct), 2, {0});
       max_res = std::min(resid, to_host(at::max(ritz))[0]);
     }
-    if (max_res > accuracy) {
+    if (max_res * amp > accuracy) {
       // Subspace iterations shrink the Ritz residuals geometrically until they reach the rounding
-      // floor of the working precision; stagnation at a small floor is as accurate as it gets.
+      // floor of the working precision; stagnation at a small floor is as accurate as it gets, unless
+      // a dense SVD would be done in float64 (small float32 matrices): then that is exact instead.
       const bool stagnated = last_res >= 0 && max_res > 0.5 * last_res;
       if (!stagnated && j.powers < c.power_iters) {
         last_res = max_res;
@@ -336,10 +350,10 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
         j.B = j.Q.t().mm(j.A);
         ++j.powers;
         ritz_rounds({&j}, c);
-        st = to_host(j.stats);
+        st = to_host(round_read(j));
         continue;
       }
-      if (!(stagnated && max_res <= floor_ok)) return dense(j, frob, c);  // be exact instead
+      if (!(stagnated && max_res * amp <= floor_ok) || widens(j, frob)) return dense(j, frob, c);
     }
     apply_correction(j, k);
     set_result(j, k);
@@ -390,20 +404,21 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   }
   std::vector<Tensor> parts;
   for (Job* j : small) parts.push_back(j->frob.reshape({1}));
-  for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), j->stats}));
+  for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), round_read(*j)}));
   if (parts.empty()) return;
   const std::vector<double> host = to_host(at::cat(parts));
   const size_t offset = small.size();
   std::vector<double> frobs(host.begin(), host.begin() + offset);
-  for (size_t i = 0; i < randomized.size(); ++i) frobs.push_back(host[offset + i * (kNumStats + 1)]);
+  constexpr size_t kRow = kNumStats + 2;  // ‖ΔW‖_F, then round_read
+  for (size_t i = 0; i < randomized.size(); ++i) frobs.push_back(host[offset + i * kRow]);
   std::vector<Job*> all(small);
   all.insert(all.end(), randomized.begin(), randomized.end());
   for (size_t i = 0; i < all.size(); ++i) check_finite(frobs[i], all[i]->A);
 
   for (size_t i = 0; i < small.size(); ++i) dense(*small[i], frobs[i], c);
   for (size_t i = 0; i < randomized.size(); ++i) {
-    const double* row = host.data() + offset + i * (kNumStats + 1) + 1;
-    finish_adaptive(*randomized[i], std::vector<double>(row, row + kNumStats), frobs[offset + i], c);
+    const double* row = host.data() + offset + i * kRow + 1;
+    finish_adaptive(*randomized[i], std::vector<double>(row, row + kNumStats + 1), frobs[offset + i], c);
   }
 }
 

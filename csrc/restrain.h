@@ -34,15 +34,15 @@ void check_matrix(const at::Tensor& t, const char* name);
 void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
 
 // Internal operators with a kernel per backend (csrc/cpu, csrc/cuda), called by the algorithms above
-// through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), gram (L, l, l), all float64.
+// through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), T (L, l, l), all float64.
 //   _sketch(like, rows, cols, seed, offset): rows × cols of the sketch entries offset + i·cols + j (sketch_entries), in
 //       like's dtype and device.
-//   _sym_eig(gram): eigenvalues (ascending), eigenvectors and the solver's info flag (0: success) of
-//       each symmetric matrix; never reads anything back to the host on CUDA (the flag stays there).
+//   _small_svd(T): U, S (descending), Vh with T = U diag(S) Vh, and the solver's info flag (0: success)
+//       of each matrix; never reads anything back to the host on CUDA (the flag stays there).
 //   _summarize_rounds(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters):
 //       summarize_round (restrain_math.h) per matrix → before, after, coeff (L, l) and stats (L, 8).
 at::Tensor sketch(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eig(const at::Tensor& gram);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& T);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(
     const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,
     double band_factor, int64_t fn, double param, int64_t power_iters);

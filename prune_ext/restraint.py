@@ -32,7 +32,10 @@ class RestrainInfo:
 
     ``certified`` means ``sigma_next_bound <= threshold``: a proven upper bound on the largest singular
     value left unchanged, so no value above the threshold was missed (the bound is Weyl's inequality
-    on the explored subspace plus the explicitly computed residual, see csrc/restrain.cpp).
+    on the explored subspace plus the explicitly computed residual, see csrc/restrain.cpp). Like every
+    computed singular value, it holds up to the working precision's rounding at ΔW's scale (about
+    ε‖ΔW‖₂, ε = 1.2e-7 in float32): a value that close to the threshold may fall on either side, where
+    F(σ) ≈ σ anyway.
     """
 
     threshold: float

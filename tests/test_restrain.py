@@ -22,21 +22,29 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def within_tolerance(out: torch.Tensor, ref: torch.Tensor, delta_norm: float, dtype: torch.dtype) -> bool:
+def within_tolerance(out: torch.Tensor, ref: torch.Tensor, delta_norm: float, dtype: torch.dtype,
+                     rounding: float = 20) -> bool:
     """TOL relative to the reference, plus the rounding of the working precision at ΔW's own scale:
     when the restraint removes most of ΔW's norm (σ1 = 1e6 σ_W, say), a float32 ΔW carries an absolute
     error of ε‖ΔW‖ before anything is computed, and no float32 algorithm can do better."""
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     err = (out.double().cpu() - ref).norm().item()
-    return err <= TOL[dtype] * ref.norm().item() + 20 * eps * delta_norm
+    return err <= TOL[dtype] * ref.norm().item() + rounding * eps * delta_norm
+
+
+def count_above(delta: torch.Tensor, t: float) -> tuple[int, int]:
+    """How many singular values are surely above t, and how many may be: values within rounding of t
+    fall on either side — rounding relative to t, and the working precision's rounding at ΔW's own
+    scale (ε σ1: float32 cannot place a value of 33 to better than ±4 when σ1 = 3e7)."""
+    sv = torch.linalg.svdvals(delta.double().cpu())
+    eps = torch.finfo(torch.float64 if delta.dtype == torch.float64 else torch.float32).eps
+    tol = t * (1e-9 if delta.dtype == torch.float64 else 1e-4) + 20 * eps * (sv[0].item() if sv.numel() else 0)
+    return int((sv > t + tol).sum()), int((sv > t - tol).sum())
 
 
 def check_against_reference(delta: torch.Tensor, t: float, **kw) -> prune_ext.RestrainInfo:
     ref = reference.restrain(delta, t, kw.get("alpha", 1.2), fn=kw.get("fn", "log"), beta=kw.get("beta", 2.0))
-    sv = torch.linalg.svdvals(delta.double())
-    # values within rounding of the threshold may fall on either side
-    band = 1e-9 if delta.dtype == torch.float64 else 1e-4
-    n_sure, n_maybe = int((sv > t * (1 + band)).sum()), int((sv > t * (1 - band)).sum())
+    n_sure, n_maybe = count_above(delta, t)
     norm = delta.double().norm().item()
     out, info = prune_ext.restrain(delta, t, return_info=True, **kw)
     assert out is delta
@@ -225,15 +233,18 @@ def test_summary_of_a_round_matches_its_definition(device):
     assert stats[3, 0] == 0 and stats[3, 3] == 0 and math.isnan(stats[3, 2]) and coeff[3].abs().sum() == 0
 
 
-def test_sym_eig_matches_eigh_and_passes_nan_through(device):
-    g = torch.randn(3, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    g = (g @ g.mT).to(device)
-    w, v, info = prune_ext.ops._ops._sym_eig(g)
-    assert torch.allclose(w, torch.linalg.eigvalsh(g), rtol=1e-10, atol=1e-10)
-    assert torch.allclose(v @ torch.diag_embed(w) @ v.mT, g, atol=1e-9)
+def test_small_svd_matches_svd_and_flags_nan(device):
+    T = torch.randn(3, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    T[2] = T[2] @ torch.diag(torch.logspace(0, -12, 20, dtype=torch.float64, device=device))  # graded
+    U, S, Vh, info = prune_ext.ops._ops._small_svd(T)
+    assert torch.allclose(S, torch.linalg.svdvals(T), rtol=1e-10)
+    assert torch.allclose(U @ torch.diag_embed(S) @ Vh, T, atol=1e-12)
+    eye = torch.eye(20, dtype=torch.float64, device=device)
+    assert torch.allclose(U.mT @ U, eye.expand(3, 20, 20), atol=1e-12)
+    assert torch.allclose(Vh @ Vh.mT, eye.expand(3, 20, 20), atol=1e-12)
     assert info.tolist() == [0, 0, 0]
-    g[1, 0, 0] = float("nan")
-    w, _, info = prune_ext.ops._ops._sym_eig(g)
+    T[1, 0, 0] = float("nan")
+    *_, info = prune_ext.ops._ops._small_svd(T)
     assert info[1] != 0 and info[0] == 0 and info[2] == 0
 
 
@@ -316,6 +327,43 @@ def test_property_matches_reference(m, n, rank_frac, kind, dtype, fn, param, t, 
     d = matrix_with_spectrum(m, n, spectrum(kind, r, t, seed=seed), seed=seed, dtype=dtype)
     kw = {"alpha": param} if fn == "log" else {"fn": "linear", "beta": param}
     check_against_reference(d, t, **kw)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(2, 300),
+    n=st.integers(2, 300),
+    rank_frac=st.floats(0.05, 1.0),
+    extra=st.integers(-30, 30),
+    power_iters=st.integers(0, 3),
+    kind=st.sampled_from(SPECTRA),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    t=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fixed_rank_certificate_is_sound(m, n, rank_frac, extra, power_iters, kind, dtype, t, seed):
+    """Fixed rank, too small or large enough: a certificate is never wrong about how many values exceed
+    t, and with the whole range of ΔW in the subspace the result is the reference's."""
+    r = max(1, int(rank_frac * min(m, n)))
+    d = matrix_with_spectrum(m, n, spectrum(kind, r, t, seed=seed), seed=seed, dtype=dtype)
+    fixed = max(1, r + extra)
+    n_sure, n_maybe = count_above(d, t)
+    ref = reference.restrain(d, t)
+    norm = d.double().norm().item()
+    _, info = prune_ext.restrain(d, t, rank=fixed, power_iters=power_iters, return_info=True)
+    assert info.rank_explored == min(fixed, m, n)
+    if info.certified:
+        assert info.sigma_next_bound <= t * (1 + 1e-5)
+        assert n_sure <= info.restrained <= n_maybe, (n_sure, n_maybe, info)
+    if info.certified and fixed >= r:
+        # The fixed-rank mode works in the input's precision with no accuracy check or fallback (the
+        # adaptive one checks Ritz residuals and takes small float32 matrices to float64): the range
+        # finder places direction i to about ε σ1 / σ_i, and F scales that by |σ_i − F(σ_i)| — up to
+        # 30 σ_i for the log F at a small threshold (F'(t) = 1 / (t ln α)).
+        sv = torch.linalg.svdvals(d.double())
+        above = sv[sv > t]
+        amp = ((above - reference.restrained_values(above, t)).abs() / above).max().item() if above.numel() else 0
+        assert within_tolerance(d, ref, norm, dtype, rounding=20 * max(1.0, amp)), rel_err(d, ref)
 
 
 def test_restrain_many_equals_one_by_one(device):

@@ -40,16 +40,16 @@ at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_
   return out;
 }
 
-// LAPACK's eigensolver raises on a failure with finite input; NaN or Inf gives NaN results and a
-// nonzero info (as cuSOLVER would report it on CUDA, where raising would cost a synchronisation).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& gram) {
-  const at::Tensor finite = at::isfinite(gram).flatten(1).all(1);
+// LAPACK's SVD raises on a failure with finite input; NaN or Inf gives NaN results and a nonzero info
+// (as cuSOLVER would report it on CUDA, where raising would cost a synchronisation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd_cpu(const at::Tensor& T) {
+  const at::Tensor finite = at::isfinite(T).flatten(1).all(1);
   if (finite.all().item<bool>()) {
-    auto [w, v] = at::linalg_eigh(gram);
-    return {w, v, at::zeros({gram.size(0)}, gram.options().dtype(at::kInt))};
+    auto [U, S, Vh] = at::linalg_svd(T);
+    return {U, S, Vh, at::zeros({T.size(0)}, T.options().dtype(at::kInt))};
   }
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  return {at::full({gram.size(0), gram.size(1)}, nan, gram.options()), at::full_like(gram, nan),
+  return {at::full_like(T, nan), at::full({T.size(0), T.size(1)}, nan, T.options()), at::full_like(T, nan),
           (~finite).to(at::kInt)};
 }
 
@@ -80,7 +80,7 @@ TORCH_LIBRARY_IMPL(prune_ext, CPU, m) {
   m.impl("factored_svd", &factored_svd);
   m.impl("spectral_norm", &spectral_norm);
   m.impl("_sketch", &sketch_cpu);
-  m.impl("_sym_eig", &sym_eig_cpu);
+  m.impl("_small_svd", &small_svd_cpu);
   m.impl("_summarize_rounds", &summarize_rounds_cpu);
 }
 

@@ -6,8 +6,8 @@
 //   tests exercise.
 // * restrain_values: an elementwise kernel over the F of csrc/restrain_math.h (the code the CPU runs).
 // * _sketch, _summarize_rounds: the (Rademacher) sketch entries and the per-round summary of restrain_math.h (the code
-//   the CPU runs), so that the algorithm never copies from the host; _sym_eig: cusolverDnXsyevd with its
-//   info flag left on the device (ATen's linalg_eigh reads it back, a synchronisation).
+//   the CPU runs), so that the algorithm never copies from the host; _small_svd: cusolverDnXgesvd with its
+//   info flag left on the device (ATen's linalg_svd reads it back, a synchronisation).
 // * restrain_gesvdr_: cuSOLVER's randomized SVD (cusolverDnXgesvdr) for the top triplets, then the
 //   restraint-and-scale step as one fused kernel (F from restrain_math.h) and the rank-k correction as
 //   one in-place GEMM. Selectable alternative to compare against; it has no certificate.
@@ -142,35 +142,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds_cuda(const Tensor& s
   return {before, after, coeff, stats};
 }
 
-// Eigen-decompositions of L symmetric float64 l × l matrices, one cusolverDnXsyevd each on the current
-// stream. cuSOLVER's info flags stay on the device and are returned: the caller treats a failed
-// decomposition as unusable (no change, no certificate) without a host-side check.
-std::tuple<Tensor, Tensor, Tensor> sym_eig_cuda(const Tensor& gram) {
-  c10::cuda::CUDAGuard guard(gram.device());
-  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.scalar_type() == at::kDouble,
-              "prune_ext: _sym_eig takes (L, l, l) float64 symmetric matrices");
-  const int64_t L = gram.size(0), l = gram.size(1);
-  Tensor A = gram.contiguous().clone();  // overwritten with the eigenvectors (column-major)
-  Tensor W = at::empty({L, l}, gram.options());
-  Tensor info = at::zeros({L}, gram.options().dtype(at::kInt));
-  if (L == 0 || l == 0) return {W, A, info};
-  SolverContext ctx = solver_context(gram.device().index());
+// SVDs T = U diag(S) Vh of L float64 l × l matrices, one cusolverDnXgesvd each on the current stream.
+// cuSOLVER's info flags stay on the device and are returned (a flag is also raised for non-finite
+// values): the caller treats a failed decomposition as unusable without a host-side check.
+std::tuple<Tensor, Tensor, Tensor, Tensor> small_svd_cuda(const Tensor& T) {
+  c10::cuda::CUDAGuard guard(T.device());
+  TORCH_CHECK(T.dim() == 3 && T.size(1) == T.size(2) && T.scalar_type() == at::kDouble,
+              "prune_ext: _small_svd takes (L, l, l) float64 matrices");
+  const int64_t L = T.size(0), l = T.size(1);
+  // Row-major T read column-major is Tᵀ = U_c S V_cᵀ, so T = V_c S U_cᵀ: the buffer cuSOLVER fills with
+  // V_cᵀ (column-major) is V_c = U read row-major, and the one it fills with U_c is U_cᵀ = Vh.
+  Tensor A = T.contiguous().clone();  // destroyed by gesvd
+  Tensor S = at::empty({L, l}, T.options());
+  Tensor U = at::empty({L, l, l}, T.options()), Vh = at::empty({L, l, l}, T.options());
+  Tensor info = at::zeros({L}, T.options().dtype(at::kInt));
+  if (L == 0 || l == 0) return {U, S, Vh, info};
+  SolverContext ctx = solver_context(T.device().index());
   size_t dev_bytes = 0, host_bytes = 0;
-  PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR,
-                                                       CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, A.data_ptr(), l,
-                                                       CUDA_R_64F, W.data_ptr(), CUDA_R_64F, &dev_bytes,
-                                                       &host_bytes));
-  Tensor dwork = at::empty({static_cast<int64_t>(std::max<size_t>(dev_bytes, 1))}, gram.options().dtype(at::kByte));
+  PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXgesvd_bufferSize(
+      ctx.handle, ctx.params, 'A', 'A', l, l, CUDA_R_64F, A.data_ptr(), l, CUDA_R_64F, S.data_ptr(), CUDA_R_64F,
+      Vh.data_ptr(), l, CUDA_R_64F, U.data_ptr(), l, CUDA_R_64F, &dev_bytes, &host_bytes));
+  Tensor dwork = at::empty({static_cast<int64_t>(std::max<size_t>(dev_bytes, 1))}, T.options().dtype(at::kByte));
   std::vector<char> hwork(std::max<size_t>(host_bytes, 1));
   for (int64_t i = 0; i < L; ++i)
-    PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXsyevd(
-        ctx.handle, ctx.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F,
-        A[i].data_ptr(), l, CUDA_R_64F, W[i].data_ptr(), CUDA_R_64F, dwork.data_ptr(), dev_bytes,
+    PRUNE_EXT_CUSOLVER_CHECK(cusolverDnXgesvd(
+        ctx.handle, ctx.params, 'A', 'A', l, l, CUDA_R_64F, A[i].data_ptr(), l, CUDA_R_64F, S[i].data_ptr(),
+        CUDA_R_64F, Vh[i].data_ptr(), l, CUDA_R_64F, U[i].data_ptr(), l, CUDA_R_64F, dwork.data_ptr(), dev_bytes,
         host_bytes > 0 ? hwork.data() : nullptr, host_bytes, info.data_ptr<int>() + i));
-  // Column-major eigenvectors read row-major are the transpose.
-  // NaN input may come back with info 0 and NaN values: flag it like a failure (still on the device).
-  info.masked_fill_(at::logical_not(at::isfinite(W).all(1)), 1);
-  return {W, A.transpose(1, 2), info};
+  info.masked_fill_(at::logical_not(at::isfinite(S).all(1)), 1);
+  return {U, S, Vh, info};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ TORCH_LIBRARY_IMPL(prune_ext, CUDA, m) {
   m.impl("spectral_norm", &cuda::spectral_norm_cuda);
   m.impl("restrain_gesvdr_", &cuda::restrain_gesvdr_cuda);
   m.impl("_sketch", &cuda::sketch_cuda);
-  m.impl("_sym_eig", &cuda::sym_eig_cuda);
+  m.impl("_small_svd", &cuda::small_svd_cuda);
   m.impl("_summarize_rounds", &cuda::summarize_rounds_cuda);
 }
 
