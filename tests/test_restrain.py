@@ -350,6 +350,9 @@ def test_property_fixed_rank_certificate_is_sound(m, n, rank_frac, extra, power_
     n_sure, n_maybe = count_above(d, t)
     ref = reference.restrain(d, t)
     norm = d.double().norm().item()
+    sv = torch.linalg.svdvals(d.double())
+    above = sv[sv > t]
+    amp = ((above - reference.restrained_values(above, t)).abs() / above).max().item() if above.numel() else 0
     _, info = prune_ext.restrain(d, t, rank=fixed, power_iters=power_iters, return_info=True)
     assert info.rank_explored == min(fixed, m, n)
     if info.certified:
@@ -360,9 +363,6 @@ def test_property_fixed_rank_certificate_is_sound(m, n, rank_frac, extra, power_
         # adaptive one checks Ritz residuals and takes small float32 matrices to float64): the range
         # finder places direction i to about ε σ1 / σ_i, and F scales that by |σ_i − F(σ_i)| — up to
         # 30 σ_i for the log F at a small threshold (F'(t) = 1 / (t ln α)).
-        sv = torch.linalg.svdvals(d.double())
-        above = sv[sv > t]
-        amp = ((above - reference.restrained_values(above, t)).abs() / above).max().item() if above.numel() else 0
         assert within_tolerance(d, ref, norm, dtype, rounding=20 * max(1.0, amp)), rel_err(d, ref)
 
 
