@@ -422,7 +422,15 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   }
 }
 
-std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> thresholds) {
+// F magnifies the rounding of a value near the threshold by its slope, F'(t) = 1 / (t ln α) for the log
+// F (the linear F's 1/β is below 1). Float32 places values to about ε σ1, so past this slope it cannot
+// meet the accuracy target, and the restraint is computed in float64 instead (only for thresholds far
+// below any real weight's σmax: t < 0.2 for α = 1.2).
+constexpr double kSteepSlope = 25;
+
+bool steep(double t, const Config& c) { return c.fn == kLogFn && 1 / (t * std::log(c.param)) > kSteepSlope; }
+
+std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> thresholds, const Config& c) {
   std::vector<Job> jobs(deltas.size());
   for (size_t i = 0; i < deltas.size(); ++i) {
     Job& j = jobs[i];
@@ -434,7 +442,7 @@ std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> threshold
     // Work on delta itself when BLAS can read it (row- or column-major float32/float64); otherwise on
     // one compute-dtype copy, written back at the end.
     const Tensor& d = j.delta;
-    const at::ScalarType ct = compute_dtype(d.scalar_type());
+    const at::ScalarType ct = steep(j.t, c) ? at::kDouble : compute_dtype(d.scalar_type());
     const bool blas_layout = (d.stride(1) == 1 && d.stride(0) >= std::max<int64_t>(1, j.n)) ||
                              (d.stride(0) == 1 && d.stride(1) >= std::max<int64_t>(1, j.m));
     j.in_place = d.scalar_type() == ct && blas_layout;
@@ -464,8 +472,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
   check_sketch_args(rank, oversample, power_iters);
-  std::vector<Job> jobs = make_jobs({delta}, {threshold});
-  run_checked(jobs, Config{fn, param, rank, oversample, power_iters, seed});
+  const Config c{fn, param, rank, oversample, power_iters, seed};
+  std::vector<Job> jobs = make_jobs({delta}, {threshold}, c);
+  run_checked(jobs, c);
   return {jobs[0].out_before, jobs[0].out_after, jobs[0].out_stats};
 }
 
@@ -486,8 +495,9 @@ std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::Arr
                       device, " and ", d.device());
   auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   if (deltas.empty()) return {at::zeros({0, 0}, opts), at::zeros({0, 0}, opts), at::zeros({0, kNumStats}, opts)};
-  std::vector<Job> jobs = make_jobs(deltas, thresholds);
-  run_checked(jobs, Config{fn, param, rank, oversample, power_iters, seed});
+  const Config c{fn, param, rank, oversample, power_iters, seed};
+  std::vector<Job> jobs = make_jobs(deltas, thresholds, c);
+  run_checked(jobs, c);
   std::vector<Tensor> before, after, stats;
   for (const Job& j : jobs) {
     before.push_back(j.out_before);

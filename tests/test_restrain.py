@@ -71,6 +71,15 @@ def test_restraint_functions(device, fn, kw):
     check_against_reference(d, 1.0, fn=fn, **kw)
 
 
+def test_steep_log_restraint_at_a_tiny_threshold_is_computed_in_float64(device):
+    """F'(t) = 1/(t ln α) ≈ 960 here: float32 rounding of the values clustered at t would be magnified
+    past the tolerance (a case the long property runs found), so the restraint runs in float64."""
+    t, alpha = 0.01953125, 1.0546875
+    d = matrix_with_spectrum(520, 520, spectrum("clustered", 32, t, seed=1), seed=1, device=device)
+    info = check_against_reference(d, t, alpha=alpha)
+    assert info.method == "randomized" and d.dtype == torch.float32
+
+
 def test_randomized_path_grows_and_certifies(device):
     # rank 200 > the first sketch: the subspace must grow, and stay well below min(m, n)
     t = 3.0
