@@ -442,6 +442,20 @@ def test_restrain_many_with_nan_anywhere_writes_nothing():
         assert torch.equal(a, b)
 
 
+def test_restrain_many_fixed_rank_leaves_a_non_finite_matrix_alone(device):
+    """No host read in fixed-rank mode, so no error: the bad matrix is untouched and uncertified, the
+    others are restrained as usual."""
+    t = 1.0
+    mats = [matrix_with_spectrum(300, 200, spectrum("spikes", 40, t, seed=i), seed=i, device=device) for i in range(3)]
+    mats[1][4, 4] = float("inf")
+    refs = [reference.restrain(m, t) for m in (mats[0], mats[2])]
+    keep = mats[1].clone()
+    _, infos = prune_ext.restrain_many(mats, t, rank=64, return_info=True)
+    assert torch.equal(mats[1], keep) and not infos[1].certified and infos[1].restrained == 0
+    for m, ref, info in zip((mats[0], mats[2]), refs, (infos[0], infos[2])):
+        assert info.certified and rel_err(m, ref) < 1e-4
+
+
 def test_restrain_many_checks_everything_first():
     a, b = torch.randn(20, 30), torch.ones(3)
     keep = a.clone()

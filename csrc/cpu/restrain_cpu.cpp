@@ -40,17 +40,20 @@ at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_
   return out;
 }
 
-// LAPACK's SVD raises on a failure with finite input; NaN or Inf gives NaN results and a nonzero info
-// (as cuSOLVER would report it on CUDA, where raising would cost a synchronisation).
+// LAPACK's SVD raises on a failure with finite input. A matrix with NaN or Inf gets NaN results and a
+// nonzero info (as cuSOLVER would report it on CUDA, where raising would cost a synchronisation); the
+// other matrices of the batch are decomposed as usual.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd_cpu(const at::Tensor& T) {
   const at::Tensor finite = at::isfinite(T).flatten(1).all(1);
+  const at::Tensor info = at::logical_not(finite).to(at::kInt);
   if (finite.all().item<bool>()) {
     auto [U, S, Vh] = at::linalg_svd(T);
-    return {U, S, Vh, at::zeros({T.size(0)}, T.options().dtype(at::kInt))};
+    return {U, S, Vh, info};
   }
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  return {at::full_like(T, nan), at::full({T.size(0), T.size(1)}, nan, T.options()), at::full_like(T, nan),
-          (~finite).to(at::kInt)};
+  const at::Tensor ok = finite.view({-1, 1, 1});
+  auto [U, S, Vh] = at::linalg_svd(at::where(ok, T, 0.0));
+  return {at::where(ok, U, nan), at::where(finite.view({-1, 1}), S, nan), at::where(ok, Vh, nan), info};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds_cpu(
