@@ -187,31 +187,37 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
   }
 }
 
+// Orthonormal bases of f(job) for each job, the QR factorisations batched.
+template <typename F>
+Tensor orthonormalize_each(const std::vector<Job*>& js, F f) {
+  std::vector<Tensor> ys;
+  for (size_t i = 0; i < js.size(); ++i) ys.push_back(f(*js[i], i));
+  return orthonormalize(at::stack(ys));
+}
+
+// One subspace (power) iteration with re-orthonormalisation for each job: Q ← orth(A orth(AᵀQ)).
+// B = QᵀA is left to the caller (several steps may come before it is needed).
+void power_step(const std::vector<Job*>& js) {
+  const Tensor Z = orthonormalize_each(js, [](Job& j, size_t) { return j.A.t().mm(j.Q); });
+  const Tensor Q = orthonormalize_each(js, [&](Job& j, size_t i) { return j.A.mm(Z[i]); });
+  for (size_t i = 0; i < js.size(); ++i) {
+    js[i]->Q = Q[i];
+    ++js[i]->powers;
+  }
+}
+
 // The first round for jobs of one shape, dtype and subspace size: one sketch for all (the same seed
 // gives every matrix the same sketch, as a call on each alone would), batched QR factorisations,
 // products per matrix, then ritz_rounds. Fixed-rank jobs also take their power iterations here.
 void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
   const Tensor G = sketch(js[0]->A, js[0]->n, l, c.seed, 0);
-  auto each = [&](auto&& f) {
-    std::vector<Tensor> out;
-    for (Job* j : js) out.push_back(f(*j));
-    return orthonormalize(at::stack(out));
-  };
-  Tensor Q = each([&](Job& j) { return j.A.mm(G); });
-  const int64_t powers = c.fixed() ? c.power_iters : 0;
-  for (int64_t it = 0; it < powers; ++it) {  // Q ← orth(A orth(AᵀQ))
-    int64_t i = 0;
-    const Tensor Z = each([&](Job& j) { return j.A.t().mm(Q[i++]); });
-    i = 0;
-    Q = each([&](Job& j) { return j.A.mm(Z[i++]); });
-  }
+  const Tensor Q = orthonormalize_each(js, [&](Job& j, size_t) { return j.A.mm(G); });
   for (size_t i = 0; i < js.size(); ++i) {
-    Job& j = *js[i];
-    j.l = l;
-    j.powers = powers;
-    j.Q = Q[i];
-    j.B = j.Q.t().mm(j.A);
+    js[i]->Q = Q[i];
+    js[i]->l = l;
   }
+  for (int64_t it = 0; c.fixed() && it < c.power_iters; ++it) power_step(js);
+  for (Job* j : js) j->B = j->Q.t().mm(j->A);
   ritz_rounds(js, c);
 }
 
@@ -260,8 +266,7 @@ bool widens(const Job& j, double frob) {
 
 // A dense SVD: for small matrices, and where the sketch cannot resolve the spectrum cheaply.
 void dense(Job& j, double frob, const Config& c) {
-  double stats[kNumStats] = {0, 0, 0, 1, kMethodNormBound, 0, frob, 0};
-  stats[kStatSigmaNextBound] = frob;
+  double stats[kNumStats] = {0, 0, frob, 1, kMethodNormBound, 0, frob, 0};
   if (frob <= j.t) return set_host_result(j, {}, {}, stats);  // σmax ≤ ‖ΔW‖_F ≤ t: nothing above
   const Tensor& A = j.A;
   const bool widen = widens(j, frob);
@@ -346,9 +351,8 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
       const bool stagnated = last_res >= 0 && max_res > 0.5 * last_res;
       if (!stagnated && j.powers < c.power_iters) {
         last_res = max_res;
-        j.Q = orthonormalize(j.A.mm(orthonormalize(j.A.t().mm(j.Q))));
+        power_step({&j});
         j.B = j.Q.t().mm(j.A);
-        ++j.powers;
         ritz_rounds({&j}, c);
         st = to_host(round_read(j));
         continue;

@@ -35,8 +35,8 @@ void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
 
 // Internal operators with a kernel per backend (csrc/cpu, csrc/cuda), called by the algorithms above
 // through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), T (L, l, l), all float64.
-//   _sketch(like, rows, cols, seed, offset): rows × cols of the sketch entries offset + i·cols + j (sketch_entries), in
-//       like's dtype and device.
+//   _sketch(like, rows, cols, seed, offset): rows × cols of the sketch entries offset + i·cols + j
+//       (sketch_entries in restrain_math.h), in like's dtype and device.
 //   _small_svd(T): U, S (descending), Vh with T = U diag(S) Vh, and the solver's info flag (0: success)
 //       of each matrix; never reads anything back to the host on CUDA (the flag stays there).
 //   _summarize_rounds(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters):
