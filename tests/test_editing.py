@@ -188,7 +188,11 @@ def test_rome_sequential_edits_and_object_api(gpt2_tokenizer: Any, tmp_path: Pat
     editor = Rome(model, gpt2_tokenizer, RomeHyperParams.for_model(model, **TINY_HPARAMS), cache_dir=tmp_path)
     updates = []
     for request in REQUESTS:
-        [update] = editor.edit(request)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        [update] = editor.compute(request)
+        for (name, a) in model.named_parameters():  # the editor computes; it never writes
+            assert torch.equal(a, before[name]), name
+        apply_update(model, update)
         updates.append(update)
         assert editor.last_values is not None and editor.last_values.steps[0] >= 1
     for request in REQUESTS:  # each edit survives the later ones
@@ -443,7 +447,8 @@ def test_smollm2_rome_single_edit_efficacy(smollm2: tuple[Any, Any]) -> None:
     wins = []
     try:
         for request in requests:
-            editor.edit(request)
+            [update] = editor.compute(request)
+            apply_update(model, update)
             wins += _efficacy(model, tok, [request])
             with torch.no_grad():
                 weight.copy_(original)
@@ -463,7 +468,11 @@ def test_smollm2_memit_batch_of_10(smollm2: tuple[Any, Any]) -> None:
     names = [editor.hparams.module_name(layer) for layer in editor.hparams.layers]
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     try:
-        updates = editor.edit(requests)
+        updates = editor.compute(requests)
+        for n, w in originals.items():  # MEMIT applies its layers only temporarily
+            assert torch.equal(model.get_submodule(n).weight, w), n
+        for update in updates:
+            apply_update(model, update)
         wins = _efficacy(model, tok, requests)
     finally:
         with torch.no_grad():

@@ -7,10 +7,12 @@ Quick use::
     updates = apply_edits(model, tok, load_counterfact(limit=10), method="rome")
 
 ``updates`` are :class:`prune_ext.updates.LowRankUpdate` objects (ΔW = left @ right.T in the
-stored layout of ``module``'s weight), already applied to the model.
+stored layout of ``module``'s weight), already applied to the model by ``apply_edits``. Editors
+themselves (``Editor.compute``) never write the model: the editing session is the one writer.
 """
 
-from .api import apply_edits, make_editor
+from .api import EDITORS, apply_edits, make_editor, register_editor
+from .base import Editor
 from .covariance import KeyStatistics, default_cache_dir, key_statistics
 from .hparams import MemitHyperParams, RomeHyperParams, ValueHyperParams
 from .memit import Memit
@@ -27,7 +29,9 @@ from .requests import (
 from .rome import Rome
 
 __all__ = [
+    "EDITORS",
     "ArchSpec",
+    "Editor",
     "EditRequest",
     "KeyStatistics",
     "Memit",
@@ -48,4 +52,5 @@ __all__ = [
     "load_requests",
     "load_zsre",
     "make_editor",
+    "register_editor",
 ]

@@ -88,31 +88,42 @@ def subject_vectors(
     prefixes: Sequence[str],
     *,
     output: bool = False,
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """(n, d) float32: the module's input (or output) at each subject's last token, averaged
-    over ``prefix + prompt`` for all prefixes."""
+    over ``prefix + prompt`` for all prefixes — uniformly (ROME's ``compute_u``), or, with
+    ``groups`` (sizes of consecutive prefix groups summing to ``len(prefixes)``), within each group
+    and then across groups (MEMIT's ``compute_ks``: with one group of prefixes the bare prompt
+    weighs 1/2)."""
+    if groups is not None and sum(groups) != len(prefixes):
+        raise ValueError(f"prefix groups {list(groups)} do not add up to {len(prefixes)} prefixes")
     module = get_module(model, module_name)
     pad = pad_id(tokenizer)
+    if groups is None:
+        per_prefix = [1.0 / len(prefixes)] * len(prefixes)
+    else:  # 1 / (group size · number of groups) for each prefix of a group
+        per_prefix = [1.0 / (size * len(groups)) for size in groups for _ in range(size)]
     rows = []
     for r, request in enumerate(requests):
-        for prefix in prefixes:
+        for prefix, weight in zip(prefixes, per_prefix):
             enc = encode_with_span(tokenizer, *_with_prefix(request, prefix))
-            rows.append((r, enc))
+            rows.append((r, enc, weight))
     sums: torch.Tensor | None = None
     with editing_mode(model):
         for lo in range(0, len(rows), _ROWS_PER_FORWARD):
             chunk = rows[lo : lo + _ROWS_PER_FORWARD]
-            input_ids, mask = pad_right([enc.ids for _, enc in chunk], pad, _device(model))
+            input_ids, mask = pad_right([enc.ids for _, enc, _ in chunk], pad, _device(model))
             got: list[torch.Tensor] = []
             with capture(module, got.append, output=output), stop_after(module):
                 model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            picked = got[0][torch.arange(len(chunk)), torch.tensor([enc.span_last for _, enc in chunk])]
-            owner = torch.tensor([r for r, _ in chunk], device=picked.device)
+            picked = got[0][torch.arange(len(chunk)), torch.tensor([enc.span_last for _, enc, _ in chunk])]
+            owner = torch.tensor([r for r, _, _ in chunk], device=picked.device)
+            weights = torch.tensor([w for _, _, w in chunk], dtype=torch.float64, device=picked.device)
             if sums is None:
-                sums = torch.zeros(len(requests), picked.shape[-1], dtype=torch.float32, device=picked.device)
-            sums.index_add_(0, owner, picked.to(torch.float32))
+                sums = torch.zeros(len(requests), picked.shape[-1], dtype=torch.float64, device=picked.device)
+            sums.index_add_(0, owner, picked.to(torch.float64) * weights[:, None])
     assert sums is not None
-    return sums / len(prefixes)
+    return sums.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
