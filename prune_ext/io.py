@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["append_jsonl", "atomic_write", "atomic_write_text", "atomic_write_with", "read_json", "read_jsonl", "write_json"]
+__all__ = [
+    "append_jsonl", "atomic_write", "atomic_write_text", "atomic_write_with", "read_json", "read_jsonl", "write_json",
+]
 
 
 def _fsync_dir(folder: Path) -> None:

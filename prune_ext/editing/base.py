@@ -87,6 +87,14 @@ class Editor:
         """The updates for one step (one request, or a batch); the model is left as it was."""
         raise NotImplementedError
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """State that later steps depend on, beyond the model (AlphaEdit: the keys of earlier
+        edits), saved with the session's checkpoint so that a resumed run computes the same."""
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned."""
+
     # -- shared ------------------------------------------------------------------------------------
 
     @property
