@@ -40,7 +40,9 @@ from prune_ext.updates import LowRankUpdate
 from .ledger import MatrixLedger
 from .schedule import Schedule
 
-__all__ = ["HELD_EDITED", "HELD_RESTRAINED", "EditingSession", "MatrixDiagnostics", "diagnostics_as_dict", "weight_digest"]
+__all__ = [
+    "HELD_EDITED", "HELD_RESTRAINED", "EditingSession", "MatrixDiagnostics", "diagnostics_as_dict", "weight_digest",
+]
 
 Restrain = Literal["none", "log", "linear"]
 FORMAT_VERSION = 2
