@@ -13,13 +13,34 @@ def _tasks(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _hparams(path: str) -> dict:
+    from .editing.hparams import read_hparams_file
+
+    try:
+        return read_hparams_file(path)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _placement(parser: argparse.ArgumentParser) -> None:
+    """Where the model lives: --device, --dtype, --device-map, --store-device."""
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the loaded model (statistics, solves and the books stay float32)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--device-map", help="'auto' or a JSON file of module -> device (accelerate)")
+    parser.add_argument("--store-device", help="where W and ΔW's factors live and the restraint runs "
+                        "(default: each matrix's own GPU while it has room, else cpu)")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .editing import EDITORS
+
     ap = argparse.ArgumentParser(prog="prune-ext", description="Sequential model editing with PRUNE.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a sequential-editing experiment")
     run.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
-    run.add_argument("--editor", choices=["rome", "memit"], default="rome")
+    run.add_argument("--editor", choices=sorted(EDITORS), default="rome")
     run.add_argument("--data", help="CounterFact or zsRE JSON file (default: the demo's built-in requests)")
     run.add_argument("--format", choices=["counterfact", "zsre"], default="counterfact")
     run.add_argument("--num-edits", type=int, default=100)
@@ -35,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--corpus", help="text file or folder for the key statistics (default: model samples)")
     run.add_argument("--unrestrained-out", help="also write the unrestrained run here (same editing pass)")
+    run.add_argument("--hparams", type=_hparams, default={},
+                     help="JSON or YAML file of editor hyper-parameters (field names of prune_ext.editing.hparams)")
+    run.add_argument("--live", action="store_true", help="also score edits by greedy decoding (live_efficacy)")
+    _placement(run)
     run.add_argument("--out", required=True)
 
     rep = sub.add_parser("report", help="plots and a table from run folders")
@@ -44,9 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SmolLM2, built-in edits, with and without PRUNE (about 15 minutes)")
     demo.add_argument("--out", default="prune-ext-demo")
     demo.add_argument("--num-edits", type=int, default=DEMO_EDITS)
+    _placement(demo)
 
     sub.add_parser("bench", help="the restraint benchmark table", add_help=False)
     return ap
+
+
+def _placement_args(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"dtype": args.dtype, "device": args.device, "device_map": args.device_map,
+            "store_device": args.store_device}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -57,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
+        live=args.live, hparams=args.hparams, **_placement_args(args),
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")
@@ -80,7 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = ExperimentConfig(
         out=str(out / "prune"), unrestrained_out=str(out / "no-prune"), editor="rome", num_edits=args.num_edits,
         restrain="log", alpha=1.2, eval_every=max(1, args.num_edits // 3), tasks=tasks, limit=20, only_known=True,
-        corpus=corpus,
+        corpus=corpus, **_placement_args(args),
     )
     run_experiment(config)
     folders = [out / "prune", out / "no-prune"]

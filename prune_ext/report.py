@@ -12,7 +12,7 @@ from typing import Any
 
 EDIT_METRICS = ("efficacy", "generalization", "locality")
 SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"))
-NOT_TASKS = {"edits", "final", "matrices", "seconds", *EDIT_METRICS}
+NOT_TASKS = {"edits", "final", "matrices", "seconds", "restraints", *EDIT_METRICS}
 
 
 def load_run(folder: str | Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import gpt2_tokenizer, tiny_model
 
+import prune_ext
 from prune_ext.cli import main
 from prune_ext.experiment import ExperimentConfig, ExperimentError, run_experiment
 from prune_ext.report import load_run, write_report
@@ -48,7 +49,11 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     (mat,) = final["matrices"].values()
     (mat_plain,) = plain["matrices"].values()
-    assert mat["delta_sigma_max"] == mat_plain["delta_sigma_max"]
+    # the restrained folder describes W + F(ΔW): its ΔW's top value is F of the unrestrained one's
+    f_top = prune_ext.restrain_values(torch.tensor([mat_plain["delta_sigma_max"]], dtype=torch.float64),
+                                      mat["threshold"], 1.2)
+    assert mat["delta_sigma_max"] == pytest.approx(float(f_top[0]), rel=1e-5)
+    assert (mat["held"], mat_plain["held"]) == ("W+F(dW)", "W+dW")
     assert mat["values_above_threshold"] > 0 and mat["sigma_max"] != mat_plain["sigma_max"]
     # a complete run is not redone; a changed setting is refused
     assert run_experiment(config, progress=False, log=lambda *_: None) == final

@@ -263,9 +263,10 @@ def _forward(
     seen: list[torch.Tensor] = []
 
     def make_delta(out: torch.Tensor) -> torch.Tensor:
-        seen.append(out[:, 0].detach())
+        seen.append(out[:, 0].detach().to(deltas.device))  # the module may sit on another device
         add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        return add.index_put((batch.rows, torch.zeros_like(batch.rows)), deltas[batch.owner])
+        rows = batch.rows.to(out.device)
+        return add.index_put((rows, torch.zeros_like(rows)), deltas[batch.owner].to(out.device))
 
     # a fresh cache each step: a forward pass appends to the cache it is given
     kwargs = {"cache": DynamicCache(batch.cache, config=model.config), "use_cache": True} if batch.cache else {}

@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from prune_ext.io import atomic_write
+
 from .hooks import capture, stop_after
 from .sampling import sample_tokens
 from .models import editing_mode, get_module, model_fingerprint, model_id
@@ -283,14 +285,12 @@ def _load_cached(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, int] | 
 
 
 def _save(path: Path, key: dict[str, Any], mom2: torch.Tensor, count: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(
-        {"mom2": mom2.contiguous().cpu()},
-        str(tmp),
-        metadata={"key": json.dumps(key, sort_keys=True), "count": str(count)},
-    )
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(
+            {"mom2": mom2.contiguous().cpu()},
+            str(tmp),
+            metadata={"key": json.dumps(key, sort_keys=True), "count": str(count)},
+        )
 
 
 def key_statistics(

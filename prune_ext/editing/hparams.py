@@ -26,7 +26,9 @@ Llama-family models use the EasyEdit Llama settings (25 steps, weight decay 1e-3
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -41,6 +43,7 @@ __all__ = [
     "default_memit_layers",
     "default_mom2_update_weight",
     "default_rome_layer",
+    "read_hparams_file",
 ]
 
 
@@ -149,6 +152,19 @@ class MemitHyperParams(ValueHyperParams):
         fields["mom2_update_weight"] = default_mom2_update_weight(spec, _key_dim(model, spec))
         fields.update(overrides)
         return cls(**fields)
+
+
+def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Hyper-parameter overrides from a JSON or YAML file (a mapping of this module's field names)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid JSON/YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of hyper-parameter names to values")
+    return data
 
 
 # λ of the papers' and EasyEdit's settings, and the key dimension (FFN width) they were set for

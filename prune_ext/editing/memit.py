@@ -59,8 +59,8 @@ class Memit(Editor):
                 name = hp.module_name(layer)
                 keys = self.keys(name, reqs)
                 now = subject_vectors(self.model, self.tokenizer, hp.z_block_name, reqs, [""], output=True)
-                resid = (z - now.to(torch.float64)) / (len(hp.layers) - j)  # (n, d_out)
-                update = self.solve(name, keys, resid, mom2[name].to(keys.device))
+                resid = (z - now.to(z.device, torch.float64)) / (len(hp.layers) - j)  # (n, d_out)
+                update = self.solve(name, keys, resid.to(keys.device), mom2[name].to(keys.device))
                 if j + 1 < len(hp.layers):  # the next layer's keys see this layer's update
                     apply_update(self.model, update)
                 updates.append(update)

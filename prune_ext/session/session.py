@@ -75,7 +75,20 @@ class MatrixDiagnostics:
 
 
 def _get_weight(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight
+    from prune_ext.editing.models import check_editable
+
+    return check_editable(model, name)
+
+
+def default_store_device(weight: torch.Tensor) -> torch.device:
+    """Where a matrix's books live by default: on its own GPU while that GPU has room for them
+    (W, the factors, and the restraint's work: ~4 copies of the matrix in float32, plus 1 GiB), so the
+    restraint runs there with the CUDA kernels and nothing crosses the bus; else on the CPU."""
+    if weight.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(weight.device)
+        if free > 4 * weight.numel() * 4 + (1 << 30):
+            return weight.device
+    return torch.device("cpu")
 
 
 def weight_digest(weight: torch.Tensor) -> str:
@@ -99,7 +112,8 @@ class EditingSession:
         max_rank: recompress the factors when their rank passes this (default 64 + min(m, n) // 8).
         checkpoint: a file to save the session to (atomically) every ``save_every`` edits and on
             interrupt; if it exists, the session resumes from it.
-        store_device: where W and the factors live (default CPU).
+        store_device: where W and the factors live, and so where the restraint runs (default: per
+            matrix, its own GPU while it has room, else the CPU: :func:`default_store_device`).
     """
 
     def __init__(
@@ -116,7 +130,7 @@ class EditingSession:
         max_rank: int | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         save_every: int = 10,
-        store_device: str | torch.device = "cpu",
+        store_device: str | torch.device | None = None,
         corpus: str | os.PathLike[str] | None = None,
         cov_cache_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
@@ -146,11 +160,19 @@ class EditingSession:
         self.finished = False
         self.edit_seconds = 0.0  # time spent in the editor (restraint time is in self.restraints)
         self._in_step = False
+        self.saved_edits: int | None = None  # edits_done at the last save to ``checkpoint``
         edited = getattr(editor, "edited_modules", None)
         for name in edited() if callable(edited) else []:  # known up front: diagnostics before any edit
-            self.ledgers[name] = MatrixLedger(name, _get_weight(model, name), store_device)
+            self._new_ledger(name)
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load(self.checkpoint)
+
+    def _store(self, weight: torch.Tensor) -> torch.device:
+        return torch.device(self.store_device) if self.store_device is not None else default_store_device(weight)
+
+    def _new_ledger(self, name: str) -> None:
+        weight = _get_weight(self.model, name)
+        self.ledgers[name] = MatrixLedger(name, weight, self._store(weight))
 
     @property
     def restrain(self) -> Restrain:
@@ -170,13 +192,15 @@ class EditingSession:
 
     def hold(self, restrained: bool) -> None:
         """Set every edited matrix to W + ΔW (``restrained=False``) or W + F(ΔW) (``True``; only with
-        a restraint). Nothing is written when the model already holds that view."""
+        a restraint), ΔW as the books have it. Nothing is written when the model already holds that
+        view. (Once a once-at-the-end session is finished the books still hold the unrestrained ΔW
+        and the model W + F(ΔW); an every-k session's books are restrained at its scheduled points.)"""
         want = HELD_RESTRAINED if restrained and self.restrain != "none" else HELD_EDITED
         if want == self.held:
             return
-        for name, ledger in self.ledgers.items():
-            delta = ledger.restrained(self.restrain, self.alpha, self.beta)[1] if want == HELD_RESTRAINED else None
-            self._write(name, delta)
+        views = self._restrained_views() if want == HELD_RESTRAINED else {}
+        for name in self.ledgers:
+            self._write(name, views[name][1] if views else None)
         self.held = want
 
     def held_weights(self) -> dict[str, torch.Tensor]:
@@ -187,10 +211,9 @@ class EditingSession:
         """W + ΔW (``restrained=False``) or W + F(ΔW) per module, float32, without touching the model:
         with the once-at-the-end schedule one editing pass yields both final models."""
         out = {}
+        views = self._restrained_views() if restrained and self.restrain != "none" else {}
         for name, ledger in self.ledgers.items():
-            restrain_now = restrained and self.restrain != "none"
-            out[name] = ledger.weight(ledger.restrained(self.restrain, self.alpha, self.beta)[1]
-                                      if restrain_now else None)
+            out[name] = ledger.weight(views[name][1] if views else None)
         return out
 
     # -- editing -------------------------------------------------------------------------------
@@ -207,8 +230,7 @@ class EditingSession:
         try:
             for upd in updates:
                 if upd.module not in self.ledgers:  # first touch: the model still holds W there
-                    self.ledgers[upd.module] = MatrixLedger(upd.module, _get_weight(self.model, upd.module),
-                                                            self.store_device)
+                    self._new_ledger(upd.module)
                 ledger = self.ledgers[upd.module]
                 ledger.append(upd, self.max_rank or 64 + min(ledger.original.shape) // 8)
             for name in dict.fromkeys(u.module for u in updates):
@@ -255,18 +277,33 @@ class EditingSession:
         return self
 
     def finish(self) -> None:
-        """The schedule's last restraint: once, after the last edit (the paper's main setting); with
-        ``every`` k, only if edits came after the last restraint (restraining twice in a row would
-        shrink the restrained values again). The model then holds the final weights."""
-        pending = not self.restraints or self.restraints[-1]["edits"] != self.edits_done
-        if self.restrain != "none" and not self.finished and pending:
-            self.restrain_now()
-        self.hold(restrained=False)
+        """The schedule's last restraint, after which the model holds the final weights.
+
+        Once (the paper's main setting): the model holds W + F(ΔW); the books keep ΔW, so
+        ``weights(restrained=False)`` still gives the unrestrained model of the same editing pass.
+        Every k edits: ΔW ← F(ΔW) in the books, only if edits came after the last restraint
+        (restraining twice in a row would shrink the restrained values again).
+        """
+        if not self.finished and self.schedule.kind == "once":
+            start = time.perf_counter()
+            views = self._restrained_views()
+            for name, (_, delta) in views.items():
+                self._write(name, delta)
+            self.held = HELD_RESTRAINED
+            self.restraints.append({"edits": self.edits_done, "restrained": {n: k for n, (k, _) in views.items()},
+                                    "seconds": time.perf_counter() - start})
+        elif not self.finished and self.schedule.kind == "every":
+            if not self.restraints or self.restraints[-1]["edits"] != self.edits_done:
+                self.restrain_now()
         self.finished = True
         if self.checkpoint is not None:
             self.save()
 
     # -- restraint ------------------------------------------------------------------------------
+
+    def _restrained_views(self) -> dict[str, tuple[int, Any]]:
+        """Per matrix: (values above σ_W, F(ΔW)), the books left as they are."""
+        return {name: ledger.restrained(self.restrain, self.alpha, self.beta) for name, ledger in self.ledgers.items()}
 
     def restrain_now(self) -> dict[str, int]:
         """Restrain every edited matrix now: ΔW ← F(ΔW) in the books and W + F(ΔW) in the model.
@@ -276,11 +313,10 @@ class EditingSession:
         self.hold(restrained=False)
         start = time.perf_counter()
         changed: dict[str, int] = {}
-        for name, ledger in self.ledgers.items():
-            k, new_delta = ledger.restrained(self.restrain, self.alpha, self.beta)
+        for name, (k, new_delta) in self._restrained_views().items():
             changed[name] = k
             if k:
-                ledger.replace(new_delta)
+                self.ledgers[name].replace(new_delta)
                 self._write(name)
         seconds = time.perf_counter() - start
         self.restraints.append({"edits": self.edits_done, "restrained": changed, "seconds": seconds})
@@ -349,6 +385,8 @@ class EditingSession:
         tensors, meta = self.state_dict()
         with atomic_write(target) as tmp:
             save_file(tensors, str(tmp), metadata={"prune_ext": json.dumps(meta)})
+        if target == self.checkpoint:
+            self.saved_edits = self.edits_done
         return target
 
     def _load(self, path: Path) -> None:
@@ -363,8 +401,9 @@ class EditingSession:
                                  f"{key}={getattr(self, key)!r}: use another checkpoint path")
         tensors = load_file(str(path))
         for name, info in meta["modules"].items():
+            store = self._store(_get_weight(self.model, name))
             self.ledgers[name] = MatrixLedger.from_tensors(name, tensors, info["sigma_w"], info["compressed_rank"],
-                                                           self.store_device)
+                                                           store)
         editor_state = {k.removeprefix("editor::"): v for k, v in tensors.items() if k.startswith("editor::")}
         if editor_state:
             self.editor.load_state_tensors(editor_state)
@@ -374,6 +413,7 @@ class EditingSession:
         if meta.get("prefixes") is not None and hasattr(self.editor, "_prefixes"):
             self.editor._prefixes = meta["prefixes"]
         torch.set_rng_state(tensors["__rng_state__"])
+        self.saved_edits = self.edits_done
         # the model's edited weights follow from the books
         self.held = HELD_EDITED
         for name in self.ledgers:
