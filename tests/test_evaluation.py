@@ -13,11 +13,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from prune_ext.evaluation import editing_metrics as em
 from prune_ext.evaluation import generation as gen
+from prune_ext.evaluation import intervals as iv
 from prune_ext.evaluation import tasks as T
 
 DATA_DIR = T.resolve_data_dir()
@@ -156,6 +158,86 @@ def test_prompts_are_the_papers_verbatim():
         "Passage: Paris is in France. Question: where is paris"
     )
     assert T.samsum_prompt("A: hi\r\nB: hello") == "A: hi\nB: hello TL;DR:"
+
+
+# --- intervals ----------------------------------------------------------------------------------
+
+
+def test_wilson_against_the_formula_and_textbook_values():
+    z = 1.959963984540054
+    for k, n in [(8, 10), (1, 3), (37, 40), (0, 5), (5, 5)]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        lo, hi = iv.wilson(k, n)
+        assert math.isclose(lo, max(0.0, centre - half), abs_tol=1e-12)
+        assert math.isclose(hi, min(1.0, centre + half), abs_tol=1e-12)
+        assert lo <= p <= hi
+    assert iv.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook 8/10
+    assert iv.wilson(0, 5)[0] == 0.0 and iv.wilson(5, 5)[1] == 1.0  # exact ends
+    assert all(math.isnan(v) for v in iv.wilson(0, 0))
+
+
+def test_bootstrap_by_hand():
+    # Two values a < b: a resampled mean is a (p = 1/4), (a+b)/2 (1/2) or b (1/4), so the 2.5 and
+    # 97.5 percentiles of 1000 resamples are a and b themselves.
+    assert iv.bootstrap_mean([0.2, 0.6]) == (0.2, 0.6)
+    assert iv.bootstrap_mean([0.3] * 7) == (0.3, 0.3)
+    # The documented recipe, replayed: default_rng(seed).integers(0, n, (resamples, n)), percentiles.
+    x = np.array([0.1, 0.25, 0.5, 0.8, 0.9, 0.35])
+    idx = np.random.default_rng(3).integers(0, x.size, size=(500, x.size))
+    want = tuple(np.percentile(x[idx].mean(axis=1), [2.5, 97.5]))
+    assert iv.bootstrap_mean(x, resamples=500, seed=3) == pytest.approx(want, abs=0)
+    assert iv.bootstrap_mean(x, seed=1) == iv.bootstrap_mean(x, seed=1) != iv.bootstrap_mean(x, seed=2)
+    # Large n: close to the normal approximation mean ± 1.96 s / sqrt(n).
+    y = np.random.default_rng(0).uniform(size=2000)
+    lo, hi = iv.bootstrap_mean(y)
+    half = 1.96 * y.std(ddof=1) / math.sqrt(y.size)
+    assert lo < y.mean() < hi and math.isclose((hi - lo) / 2, half, rel_tol=0.1)
+    assert abs((lo + hi) / 2 - y.mean()) < 0.2 * half
+    with pytest.raises(ValueError, match="resamples"):
+        iv.bootstrap_mean(y, resamples=0)
+
+
+def test_mean_interval_picks_wilson_for_proportions_and_narrows_with_n():
+    assert iv.mean_interval([1, 0, 1, 1]) == iv.wilson(3, 4)
+    assert iv.mean_interval([1.0, 0.5, 0.0]) == iv.bootstrap_mean([1.0, 0.5, 0.0])
+    assert all(math.isnan(v) for v in iv.mean_interval([]))
+    widths = []
+    for n in (10, 100, 1000):
+        for values in ([1.0] * (8 * n // 10) + [0.0] * (2 * n // 10), [0.2, 0.5, 0.7, 0.9, 0.4] * (n // 5)):
+            lo, hi = iv.mean_interval(values)
+            assert lo <= sum(values) / len(values) <= hi
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2] > 0
+    # n ten times larger: width about sqrt(10) times smaller
+    assert 2.5 < widths[1] / widths[2] < 3.8
+
+
+def test_perplexity_interval_by_hand():
+    # Two passages: a resample is {1,1}, {1,2} or {2,2}; the percentiles are the two passages' own
+    # perplexities exp(-s_i / c_i), and the pooled value lies between them.
+    s, c = [-20.0, -90.0], [10, 30]
+    lo, hi = iv.perplexity_interval(s, c)
+    assert (lo, hi) == pytest.approx((math.exp(2.0), math.exp(3.0)), rel=1e-12)
+    pooled = math.exp(110 / 40)
+    assert lo < pooled < hi
+    rng = np.random.default_rng(1)
+    counts = rng.integers(5, 60, size=40)
+    sums = -counts * rng.uniform(2.5, 4.5, size=40)
+    lo, hi = iv.perplexity_interval(sums, counts)
+    assert lo < math.exp(-sums.sum() / counts.sum()) < hi
+    with pytest.raises(ValueError, match="token counts"):
+        iv.perplexity_interval([1.0], [1, 2])
+
+
+def test_merge_results_keeps_every_metrics_interval():
+    edits = {"efficacy": 0.9, "n": {"efficacy": 10}, "intervals": {"efficacy": [0.6, 0.98]}}
+    tasks = {"rte": 0.5, "n": {"rte": 40}, "intervals": {"rte": [0.35, 0.65]}}
+    merged = iv.merge_results(edits, tasks)
+    assert merged == {"efficacy": 0.9, "rte": 0.5, "n": {"efficacy": 10, "rte": 40},
+                      "intervals": {"efficacy": [0.6, 0.98], "rte": [0.35, 0.65]}}
+    assert edits["n"] == {"efficacy": 10}  # the inputs are left alone
 
 
 # --- loaders ------------------------------------------------------------------------------------
