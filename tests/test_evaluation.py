@@ -20,6 +20,7 @@ import torch
 from prune_ext.evaluation import editing_metrics as em
 from prune_ext.evaluation import generation as gen
 from prune_ext.evaluation import intervals as iv
+from prune_ext.evaluation import registry as reg
 from prune_ext.evaluation import tasks as T
 
 DATA_DIR = T.resolve_data_dir()
@@ -240,6 +241,50 @@ def test_merge_results_keeps_every_metrics_interval():
     assert edits["n"] == {"efficacy": 10}  # the inputs are left alone
 
 
+# --- the registry --------------------------------------------------------------------------------
+
+
+def test_registry_names_and_errors():
+    assert T.TASKS == ("gsm8k", "rte", "nq", "samsum", "perplexity") == tuple(reg.REGISTRY)
+    assert T.DEFAULT_TASKS == ("gsm8k", "rte", "nq", "samsum")
+    assert T.PROMPTS["rte"] == "{SENTENCE1} entails the {SENTENCE2}. True or False? answer:"
+    assert T._check_task is T.check_task and reg.get_task("nq").file == "nq-open.jsonl"
+    with pytest.raises(ValueError, match=r"unknown task 'mmlu'; expected one of gsm8k, rte, nq, samsum, perplexity"):
+        reg.get_task("mmlu")
+    with pytest.raises(ValueError, match="unknown task 'RTE'"):
+        T.task_file("RTE")
+    with pytest.raises(ValueError, match="bad task name 'My Task'"):
+        reg.Task(name="My Task", file="x.jsonl", load=list, run=lambda *a: [])
+    with pytest.raises(ValueError, match=r"needs either run= or all of prompt=, score= and max_new_tokens\['echo'\]"):
+        reg.Task(name="echo", file="x.jsonl", load=list, prompt=str)
+    with pytest.raises(ValueError, match="kind must be"):
+        reg.Task(name="echo", file="x.jsonl", load=list, run=lambda *a: [], kind="median")
+    with pytest.raises(ValueError, match="'rte' is already registered"):
+        reg.register(reg.Task(name="rte", file="other.tsv", load=list, run=lambda *a: []))
+
+
+def test_a_registered_task_runs_through_the_plain_recipe(tmp_path, tok, monkeypatch):
+    from prune_ext.io import read_jsonl
+
+    (tmp_path / "echo.jsonl").write_text('{"word": "cat"}\n{"word": "dog"}\n{"word": "owl"}\n')
+    echo = reg.Task(
+        name="echo",
+        file="echo.jsonl",
+        load=read_jsonl,
+        template="Say {WORD}:",
+        prompt=lambda r: f"Say {r['word']}:",
+        score=lambda r, text: {"prediction": text, "value": float(text.strip() == r["word"])},
+        max_new_tokens={"echo": 3},
+        default=False,
+    )
+    monkeypatch.setitem(reg.REGISTRY, "echo", echo)
+    model = ScriptedLM(tok, {"Say cat:": " cat", "Say dog:": " dog", "Say owl:": " hoot"})
+    res = T.evaluate_tasks(model, tok, tasks="echo", data_dir=tmp_path, limit=None,
+                           progress=False)
+    assert res["echo"] == pytest.approx(2 / 3) and res["n"] == {"echo": 3}
+    assert res["intervals"]["echo"] == list(iv.wilson(2, 3))
+
+
 # --- loaders ------------------------------------------------------------------------------------
 
 
@@ -294,11 +339,18 @@ def test_malformed_data(tmp_path):
     (tmp_path / "gsm8k-test.jsonl").write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(ValueError, match=r"gsm8k-test.jsonl: record 1: .*####"):
         T.load_task("gsm8k", tmp_path)
-    (tmp_path / "nq-open.jsonl").write_text('{"question": "q", "answer": ["a"], "output": ["p"]}\n{oops\n')
-    with pytest.raises(ValueError, match=r"nq-open.jsonl:2: malformed JSON"):
+    good = '{"question": "q", "answer": ["a"], "output": ["p"]}\n'
+    (tmp_path / "nq-open.jsonl").write_text(good + "{oops\n" + good)
+    with pytest.raises(ValueError, match=r"nq-open.jsonl, line 2: not valid JSON"):
         T.load_task("nq", tmp_path)
+    (tmp_path / "nq-open.jsonl").write_text(good + '{"question": "cut sh')  # a torn last line (prune_ext.io)
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert len(T.load_task("nq", tmp_path)) == 1
     (tmp_path / "samsum-test.json").write_text('[{"dialogue": "d"}]')
     with pytest.raises(ValueError, match="lacks summary"):
+        T.load_task("samsum", tmp_path)
+    (tmp_path / "samsum-test.json").write_text('[{"dialogue": "d",')
+    with pytest.raises(ValueError, match="samsum-test.json: not valid JSON"):
         T.load_task("samsum", tmp_path)
 
 
@@ -566,6 +618,13 @@ def test_random_tiny_model_tasks_on_real_data(tiny_gpt2, tok):
     assert r1 == r2
     assert all(0.0 <= r1[t] <= 1.0 for t in T.DEFAULT_TASKS)
     assert 1.0 < r1["perplexity"] < math.inf
+    assert r1["n"] == dict.fromkeys(T.TASKS, 3)
+    assert all(lo <= r1[t] <= hi for t, (lo, hi) in r1["intervals"].items())
+    assert r1["perplexity_source"] == "RTE premises (sentence1 of rte.tsv)"
+    # held out from the reproduction's key-statistics corpus: no premise is in it, so nothing changes
+    held = T.evaluate_tasks(tiny_gpt2, tok, tasks=("perplexity",), held_out_from=DATA_DIR / "tasks" / "nq-open.jsonl",
+                            **kw)
+    assert held["perplexity"] == r1["perplexity"] and "nq-open.jsonl (0 dropped)" in held["perplexity_source"]
 
 
 # --- tasks with a scripted model on hand-made files ---------------------------------------------
@@ -638,13 +697,21 @@ def test_tasks_scripted_right_and_wrong(task_dir, tok):
     assert {o["prediction"] for o in res.outputs} == {"7", "2400"}
     assert all(o["hint"].startswith("Some reasoning") and "Q:" not in o["hint"] for o in res.outputs)
     scores = T.evaluate_tasks(right, tok, data_dir=root, limit=None, progress=False)
-    assert scores == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
+    assert {t: scores[t] for t in T.DEFAULT_TASKS} == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
+    assert set(scores) == {*T.DEFAULT_TASKS, "n", "intervals"}
+    assert scores["n"] == {"gsm8k": 2, "rte": 3, "nq": 2, "samsum": 2}
+    # all right: Wilson's lower bound for k = n is 1 / (1 + z²/n), the upper bound 1
+    z2 = 1.959963984540054**2
+    for t in T.DEFAULT_TASKS:  # (ROUGE of exactly 1.0 everywhere is all 0/1 values too: Wilson)
+        lo, hi = scores["intervals"][t]
+        assert math.isclose(lo, 1 / (1 + z2 / scores["n"][t]), rel_tol=1e-12) and hi == 1.0
     nq_out = T.evaluate_task(right, tok, "nq", data_dir=root, limit=None, progress=False).outputs
     assert sorted(o["prediction"] for o in nq_out) == ["France", "Shakespeare"]
 
     wrong = ScriptedLM(tok, _task_script(gsm, nq, sam, right=False))
     scores = T.evaluate_tasks(wrong, tok, data_dir=root, limit=None, progress=False)
-    assert scores == {"gsm8k": 0.0, "rte": 0.0, "nq": 0.0, "samsum": 0.0}
+    assert {t: scores[t] for t in T.DEFAULT_TASKS} == {"gsm8k": 0.0, "rte": 0.0, "nq": 0.0, "samsum": 0.0}
+    assert scores["intervals"]["rte"] == [0.0, pytest.approx(1 - 1 / (1 + z2 / 3))]
 
     # Single-stage GSM8K (empty HINT) is one generation per question.
     single = {T.gsm8k_prompt(r["question"]): " " + T.gsm8k_gold(r["answer"]) for r in gsm}
@@ -660,6 +727,33 @@ def test_tasks_scripted_right_and_wrong(task_dir, tok):
     assert res.score == 1.0
     with pytest.raises(ValueError, match="unknown max_new_tokens key"):
         T.evaluate_tasks(right, tok, data_dir=root, max_new_tokens={"gsm8k_reasoning": 3})
+
+
+def test_perplexity_task_interval_and_held_out_texts(task_dir, tok):
+    root = task_dir[0]
+    model = ScriptedLM(tok, {})  # uniform: every token costs log V, so each passage's ppl is V
+    res = T.evaluate_task(model, tok, "perplexity", data_dir=root, limit=None, progress=False)
+    assert res.n == 3 and {o["text"] for o in res.outputs} == {"A cat sat on the mat.", "The sun is hot.",
+                                                               "Bob won the race."}
+    assert math.isclose(res.score, len(tok), rel_tol=1e-4)
+    assert res.interval == pytest.approx((len(tok), len(tok)), rel=1e-4)
+    assert res.source == "RTE premises (sentence1 of rte.tsv)"
+    # A statistics corpus that holds one premise (inside a longer document, other spacing): dropped.
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "Yesterday.  The sun   is hot. Indeed."}) + "\n")
+    assert [r["text"] for r in T.load_task("perplexity", root, held_out_from=corpus)] == \
+        [r["text"] for r in T.load_task("perplexity", root) if r["text"] != "The sun is hot."]
+    scores = T.evaluate_tasks(model, tok, ["perplexity"], data_dir=root, held_out_from=corpus, progress=False)
+    assert scores["n"] == {"perplexity": 2}
+    assert scores["perplexity_source"] == (
+        "RTE premises (sentence1 of rte.tsv); held out from the statistics corpus corpus.jsonl (1 dropped)"
+    )
+    # other tasks are not filtered by the statistics corpus
+    assert len(T.load_task("rte", root, held_out_from=corpus)) == 3
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A cat sat on the mat.", "The sun is hot.",
+                                                                        "Bob won the race.")))
+    with pytest.raises(ValueError, match="every perplexity text occurs in the key-statistics corpus"):
+        T.load_task("perplexity", root, held_out_from=corpus)
 
 
 def test_perplexity_of_a_sure_model(tok):
