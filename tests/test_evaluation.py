@@ -501,6 +501,47 @@ def test_counterfact_style_per_edit_mix_and_nan(tok):
     assert r["efficacy"] == 1.0 and math.isnan(r["generalization"]) and math.isnan(r["locality"])
 
 
+def test_edit_metrics_carry_n_and_wilson_intervals(tok):
+    s = _script(REQS[:1], new=True) | _script(REQS[1:], new=False)
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "counterfact", progress=False)
+    assert r["efficacy"] == 0.5 and r["n"] == {"efficacy": 2, "generalization": 2, "locality": 2}
+    assert r["intervals"]["efficacy"] == list(iv.wilson(1, 2))
+    assert r["intervals"]["locality"] == [pytest.approx(1 / (1 + 1.959963984540054**2 / 2)), 1.0]
+    assert "live_efficacy" not in r  # live decoding is opt-in
+
+
+def test_live_efficacy_is_what_the_model_says(tok, monkeypatch):
+    # Edit 1 is said outright. Edit 2's model says " New York State": teacher-forced it prefers
+    # "New York City" over "French" (two of three tokens at logit 10), but it never says it.
+    s = _script(REQS, new=True)
+    s["Danielle Darrieux is a native speaker of"] = " New York State"
+    s["The mother tongue of Danielle Darrieux is"] = "\n New York City"  # one token of slack
+    s["Danielle Darrieux speaks"] = " the language of New York City"  # too late, and not a prefix
+    calls = []
+    real = em.generate_greedy
+
+    def spy(model, tokenizer, prompts, *, max_new_tokens, **kw):
+        calls.append((max_new_tokens, sorted(prompts)))
+        return real(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kw)
+
+    monkeypatch.setattr(em, "generate_greedy", spy)
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "counterfact", progress=False, live=True, per_edit=True)
+    assert r["efficacy"] == 1.0 and r["live_efficacy"] == 0.5
+    assert [e["live_efficacy"] for e in r["per_edit"]] == [1.0, 0.0]
+    assert [e["live_generalization"] for e in r["per_edit"]] == [1.0, 0.5]
+    assert r["live_generalization"] == 0.75 and r["n"]["live_generalization"] == 2
+    assert r["intervals"]["live_efficacy"] == list(iv.wilson(1, 2))
+    assert r["intervals"]["live_generalization"] == [0.5, 1.0]  # bootstrap of {1.0, 0.5}: by hand
+    # one batched generation per target length, each as long as the target plus one token
+    assert len(em._target_ids(tok, "Paris")) == 1 and len(em._target_ids(tok, "New York City")) == 3
+    assert calls == [
+        (2, sorted(["The capital of Japan is", "Japan's capital city is"])),
+        (4, sorted(["Danielle Darrieux is a native speaker of", "The mother tongue of Danielle Darrieux is",
+                    "Danielle Darrieux speaks"])),
+    ]
+    assert em.live_success("  Paris, France", "Paris ") and not em.live_success("The Paris", "Paris")
+
+
 def test_zsre_style_token_accuracy(tok):
     target = em._target_ids(tok, "New York City")
     assert len(target) == 3
@@ -595,11 +636,18 @@ def test_random_tiny_model_edit_metrics(tiny_gpt2, tok):
     assert tiny_gpt2.training  # the mode is restored
     tiny_gpt2.eval()
     r2 = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", batch_size=3, progress=False)
-    assert r1 == r2 and all(0.0 <= v <= 1.0 for v in r1.values())
+    metrics = ("efficacy", "generalization", "locality")
+    assert r1 == r2 and all(0.0 <= r1[m] <= 1.0 for m in metrics)
+    assert r1["n"] == dict.fromkeys(metrics, len(reqs))
+    assert all(lo <= r1[m] <= hi for m, (lo, hi) in r1["intervals"].items())
     base = em.locality_baseline(tiny_gpt2, tok, reqs)
     z = em.evaluate_edits(tiny_gpt2, tok, reqs, "zsre", baseline=base, progress=False)
     assert z["locality"] == 1.0  # nothing was edited
-    assert all(0.0 <= v <= 1.0 for v in z.values())
+    assert all(0.0 <= z[m] <= 1.0 for m in metrics)
+    # live decoding through Hugging Face's generate: the random model says none of the targets
+    live = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", progress=False, live=True)
+    assert {k: live[k] for k in metrics} == {k: r1[k] for k in metrics}
+    assert 0.0 <= live["live_efficacy"] <= 1.0 and live["n"]["live_efficacy"] == len(reqs)
 
 
 @needs_data

@@ -9,6 +9,7 @@ from .editing_metrics import (
     EditCase,
     LocalityBaseline,
     evaluate_edits,
+    live_success,
     locality_baseline,
     normalize_request,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "extract_number",
     "generate_greedy",
     "get_task",
+    "live_success",
     "load_task",
     "locality_baseline",
     "mean_interval",
