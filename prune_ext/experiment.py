@@ -212,19 +212,10 @@ def _held(row: dict[str, Any]) -> str:
     return ",".join(sorted({m["held"] for m in row["matrices"].values()}))
 
 
-def _merge_scores(row: dict[str, Any], scores: dict[str, Any]) -> None:
-    """Add an evaluator's scores to a row; its ``n`` and ``intervals`` join the row's."""
-    for key, value in scores.items():
-        if key in ("n", "intervals") and isinstance(value, dict):
-            row.setdefault(key, {}).update(value)
-        elif key != "per_edit":
-            row[key] = value
-
-
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; returns the final checkpoint."""
     from .editing import load_model
-    from .evaluation import evaluate_edits, evaluate_tasks
+    from .evaluation import evaluate_edits, evaluate_tasks, merge_results
 
     config.validate()
     out = Path(config.out)
@@ -293,15 +284,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         s.hold(restrained=trace.restrained and once)
         restrain_seconds = time.perf_counter() - start
         row: dict[str, Any] = {"edits": n, "final": final}
-        if n:
-            kwargs = {"live": True} if config.live else {}
-            _merge_scores(row, evaluate_edits(model, tok, requests[:n], style, baseline=baseline, progress=False,
-                                              **kwargs))
-        else:
-            row.update({"efficacy": math.nan, "generalization": math.nan, "locality": math.nan})
-        if config.tasks:
-            _merge_scores(row, evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
-                                              limit=config.limit, seed=config.seed, progress=progress))
+        scores = [evaluate_edits(model, tok, requests[:n], style, baseline=baseline, live=config.live,
+                                 progress=False) if n else
+                  {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
+        if config.tasks:  # perplexity never scores a text the key statistics were computed from
+            scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data, limit=config.limit,
+                                         seed=config.seed, progress=progress, held_out_from=config.corpus))
+        row.update(merge_results(*scores))
         row["matrices"] = diagnostics_as_dict(s.diagnostics())  # of the weights just evaluated
         row["restraints"] = len(s.restraints)
         row["seconds"] = {"edit": s.edit_seconds,

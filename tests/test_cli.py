@@ -62,7 +62,7 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
         run_experiment(config, progress=False, log=lambda *_: None)
     # the report
     files = write_report([tmp_path / "prune", tmp_path / "plain"], tmp_path / "report")
-    assert {f.name for f in files} == {"spectrum.png", "editing.png", "summary.md"}
+    assert {f.name for f in files} == {"spectrum.png", "editing.png", "summary.md", "summary.json"}
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
     table = (tmp_path / "report" / "summary.md").read_text()
     assert "PRUNE log α=1.2, once" in table and "no PRUNE" in table
