@@ -147,3 +147,30 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_run_keeps_books_and_restraint_on_the_gpu(folders, tmp_path, dtype):
+    out = tmp_path / "cuda"
+    assert main(argv(folders["llama"], out, "--device", "cuda", "--dtype", dtype, "--every", "2",
+                     "--hparams", hp_file(tmp_path, HPARAMS))) == 0
+    assert_records_match_weights(out, dtype)
+    model, tok = load_model(str(folders["llama"]), dtype, device="cuda")
+    session = EditingSession(model, tok, "rome", HPARAMS, progress=False)
+    (ledger,) = session.ledgers.values()
+    assert ledger.original.device.type == "cuda"  # so the restraint runs with the CUDA kernels
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices")
+def test_two_gpu_device_map(folders, tmp_path):
+    mapping = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+               **{f"model.layers.{i}": 0 if i < 2 else 1 for i in range(4)}}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    out = tmp_path / "two"
+    assert main(argv(folders["llama"], out, "--device-map", str(tmp_path / "map.json"), "--editor", "memit",
+                     "--batch-size", "2", "--hparams", hp_file(tmp_path, {**HPARAMS, "layers": [1, 2]}))) == 0
+    assert_records_match_weights(out, "float32")
