@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA=${PRUNE_EXT_DATA:-../shared/data}
 CF=$DATA/counterfact/counterfact-edit-1k.json
 COMMON=(--data "$CF" --num-edits 200 --restrain log --alpha 1.2 --eval-every 50 --limit 100
-        --tasks rte,samsum,perplexity --corpus "$DATA/tasks/nq-open.jsonl")
+        --tasks rte,perplexity --corpus "$DATA/tasks/nq-open.jsonl")
 P=.venv/bin/prune-ext
 pass() { OMP_NUM_THREADS=${THREADS:-1} "$P" run "${COMMON[@]}" "$@"; }
 case "${1:-all}" in
