@@ -125,6 +125,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: the session saves at a step boundary and
+    the same command resumes. (A background job started by a shell ignores SIGINT, so this is how to
+    stop one cleanly.)"""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
+            _interrupt_on_sigterm()
             return _run(args)
         if args.command == "report":
             from .report import write_report

@@ -22,6 +22,7 @@ save, skips the rows already written and ends with the same weights and rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .io import append_jsonl, atomic_write, read_json, read_jsonl, write_json
+from .io import append_jsonl, atomic_write, atomic_write_text, read_json, read_jsonl, write_json
 from .session import EditingSession, diagnostics_as_dict
 
 
@@ -182,11 +183,22 @@ class _Trace:
         config_path = self.folder / "config.json"
         if resume and config_path.exists():
             saved = read_json(config_path)
+            rows = read_jsonl(self.path) if self.path.exists() else []
             if saved != settings:
-                changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise ExperimentError(f"{self.folder} holds a run with other settings or inputs "
-                                      f"({', '.join(changed)}): use another --out")
-            self.done = {row["edits"] for row in read_jsonl(self.path)} if self.path.exists() else set()
+                if not _only_count_differs(saved, settings):
+                    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                    raise ExperimentError(f"{self.folder} holds a run with other settings or inputs "
+                                          f"({', '.join(changed)}): use another --out")
+                if max((r["edits"] for r in rows), default=0) > settings["num_edits"]:
+                    raise ExperimentError(f"{self.folder} holds {max(r['edits'] for r in rows)} edits, more than "
+                                          f"--num-edits {settings['num_edits']}")
+                # a longer (or, before it got there, shorter) run of the same requests: go on from here
+                for row in rows:
+                    row["final"] = False
+                atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+                (self.folder / "results.json").unlink(missing_ok=True)
+                write_json(config_path, settings)
+            self.done = {row["edits"] for row in rows}
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(config_path, settings)
@@ -206,6 +218,15 @@ class _Trace:
         append_jsonl(self.path, row)
         write_json(self.folder / "results.json", row)
         self.done.add(row["edits"])
+
+
+def _only_count_differs(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """True when two runs' settings differ only in how many of the same requests they edit."""
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        inputs = {k: v for k, v in d.get("inputs", {}).items() if k != "requests"}
+        return {**{k: v for k, v in d.items() if k not in ("num_edits", "inputs")}, "inputs": inputs}
+
+    return strip(saved) == strip(settings)
 
 
 def _held(row: dict[str, Any]) -> str:
@@ -265,13 +286,16 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
     try:
         session = EditingSession(
             model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
-            beta=config.beta, every=config.every, checkpoint=ckpt, save_every=len(requests) + 1,  # saved here
+            beta=config.beta, every=config.every, checkpoint=ckpt, save_every=min(10, config.eval_every),
             corpus=config.corpus, progress=progress, store_device=config.store_device,
         )
     except ValueError as exc:
         raise ExperimentError(str(exc)) from exc
     if resume:
         log(f"resuming {out} after {session.edits_done} edits")
+        if session.finished and session.edits_done < len(requests):
+            session.reopen()  # the same run, extended to more edits
+            log(f"extending {out} from {session.edits_done} to {len(requests)} edits")
     once = config.every is None and config.restrain != "none"
 
     def evaluate(s: EditingSession, trace: _Trace, final: bool) -> None:

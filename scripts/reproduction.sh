@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 200-edit reproduction of the paper's Figures 2-4 on SmolLM2-135M (README "Reproduction").
+# The reproduction (100 edits; NUM_EDITS=200 extends the same runs) of the paper's Figures 2-4 on SmolLM2-135M (README "Reproduction").
 # Each pass is resumable: run the script again after an interruption. Run folders go to runs/ (they
 # hold the session's books and the final weights); traces, configs and results are copied to
 # docs/reproduction/ and the report is drawn from there.
@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${PRUNE_EXT_DATA:-../shared/data}
 CF=$DATA/counterfact/counterfact-edit-1k.json
-COMMON=(--data "$CF" --num-edits 200 --restrain log --alpha 1.2 --eval-every 50 --limit 100
+COMMON=(--data "$CF" --num-edits "${NUM_EDITS:-100}" --restrain log --alpha 1.2 --eval-every 50 --limit 100
         --tasks rte,perplexity --corpus "$DATA/tasks/nq-open.jsonl")
 P=.venv/bin/prune-ext
 pass() { OMP_NUM_THREADS=${THREADS:-1} "$P" run "${COMMON[@]}" "$@"; }

@@ -209,3 +209,22 @@ def test_once_schedule_rows_and_nan_free(model_dir, tmp_path):
         assert ma["values_above_threshold"] == mb["values_above_threshold"] > 0
         assert not math.isnan(ma["condition_number"])
         assert ma["sha256"] != mb["sha256"] and ma["delta_sigma_max"] != mb["delta_sigma_max"]
+
+
+def test_a_run_extended_to_more_edits_equals_the_longer_run(model_dir, tmp_path):
+    short = config_for(model_dir, tmp_path / "run", unrestrained_out=str(tmp_path / "run-plain"), num_edits=4)
+    run_experiment(short, **QUIET)
+    longer = config_for(model_dir, tmp_path / "run", unrestrained_out=str(tmp_path / "run-plain"), num_edits=6)
+    run_experiment(longer, **QUIET)  # the same command with a larger --num-edits goes on from edit 4
+    ref = config_for(model_dir, tmp_path / "ref", unrestrained_out=str(tmp_path / "ref-plain"), num_edits=6)
+    run_experiment(ref, **QUIET)
+    for got, want in (("run", "ref"), ("run-plain", "ref-plain")):
+        a, b = read_jsonl(tmp_path / got / "trace.jsonl"), read_jsonl(tmp_path / want / "trace.jsonl")
+        assert [r["final"] for r in a] == [False, False, False, True]
+        assert comparable(a) == comparable(b)
+        wa = load_file(str(tmp_path / got / "weights.safetensors"))
+        wb = load_file(str(tmp_path / want / "weights.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ExperimentError, match="more than"):
+        run_experiment(config_for(model_dir, tmp_path / "run", unrestrained_out=str(tmp_path / "run-plain"),
+                                  num_edits=2), **QUIET)

@@ -299,6 +299,13 @@ class EditingSession:
         if self.checkpoint is not None:
             self.save()
 
+    def reopen(self) -> None:
+        """Go on editing after :meth:`finish` (a run extended to more requests). Once-at-the-end: the
+        books still hold the unrestrained ΔW, so the next edit starts from W + ΔW and the extended run
+        is the same as one that had been given all its requests from the start. Every k: the books
+        keep what ``finish()`` restrained (nothing extra when the old end was a multiple of k)."""
+        self.finished = False
+
     # -- restraint ------------------------------------------------------------------------------
 
     def _restrained_views(self) -> dict[str, tuple[int, Any]]:
