@@ -221,7 +221,11 @@ def test_a_run_extended_to_more_edits_equals_the_longer_run(model_dir, tmp_path)
     for got, want in (("run", "ref"), ("run-plain", "ref-plain")):
         a, b = read_jsonl(tmp_path / got / "trace.jsonl"), read_jsonl(tmp_path / want / "trace.jsonl")
         assert [r["final"] for r in a] == [False, False, False, True]
-        assert comparable(a) == comparable(b)
+        # the same weights and scores at every checkpoint; the record also counts the once-at-the-end
+        # restraint the short run made at edit 4 (the books kept ΔW, so it changed nothing after)
+        drop = {"final", "restraints"}
+        assert [{k: v for k, v in r.items() if k not in drop} for r in comparable(a)] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in comparable(b)]
         wa = load_file(str(tmp_path / got / "weights.safetensors"))
         wb = load_file(str(tmp_path / want / "weights.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
