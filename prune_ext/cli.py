@@ -1,4 +1,4 @@
-"""The ``prune-ext`` command line: run, report, demo, bench."""
+"""The ``prune-ext`` command line: run, report, demo, bench, restrain."""
 
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-edits", type=int, default=DEMO_EDITS)
 
     sub.add_parser("bench", help="the restraint benchmark table", add_help=False)
+
+    res = sub.add_parser("restrain", help="PRUNE on any edited checkpoint: restrain edited − base, write a new folder")
+    res.add_argument("--base", required=True, help="the unedited Hugging Face folder")
+    res.add_argument("--edited", required=True, help="the edited Hugging Face folder (same architecture)")
+    res.add_argument("--out", required=True, help="the new folder (must not exist)")
+    res.add_argument("--fn", choices=["log", "linear"], default="log")
+    res.add_argument("--alpha", type=float, default=1.2)
+    res.add_argument("--beta", type=float, default=2.0)
+    res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")
     return ap
 
 
@@ -93,6 +102,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restrain(args: argparse.Namespace) -> int:
+    from .posthoc import REPORT_NAME, format_table, restrain_folder
+
+    reports = restrain_folder(args.base, args.edited, args.out, fn=args.fn, alpha=args.alpha, beta=args.beta,
+                              modules=args.modules, log=print)
+    print()
+    print(format_table(reports) if reports else "no 2-D weight differs between the two models")
+    print(f"wrote {args.out} (table in {Path(args.out) / REPORT_NAME})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -102,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _parser().parse_args(argv)
     from .experiment import ExperimentError
+    from .posthoc import PosthocError
 
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "restrain":
+            return _restrain(args)
         if args.command == "report":
             from .report import write_report
 
@@ -113,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         return _demo(args)
-    except (ExperimentError, FileNotFoundError) as exc:
+    except (ExperimentError, FileNotFoundError, PosthocError) as exc:
         print(f"prune-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
