@@ -1,4 +1,4 @@
-"""The ``prune-ext`` command line: run, report, demo, bench, restrain."""
+"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export."""
 
 from __future__ import annotations
 
@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--alpha", type=float, default=1.2)
     res.add_argument("--beta", type=float, default=2.0)
     res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")
+
+    exp = sub.add_parser("export", help="a run's edits as a PEFT LoRA adapter (--lora) or a full HF folder (--hf)")
+    exp.add_argument("run", help="a run folder written by prune-ext run")
+    dest = exp.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--lora", help="write a PEFT LoRA adapter folder here")
+    dest.add_argument("--hf", help="write a full Hugging Face model folder here")
+    which = exp.add_mutually_exclusive_group()
+    which.add_argument("--restrained", dest="restrained", action="store_const", const=True,
+                       help="check that RUN holds the restrained weights")
+    which.add_argument("--unrestrained", dest="restrained", action="store_const", const=False,
+                       help="check that RUN holds the unrestrained weights")
     return ap
 
 
@@ -113,6 +124,16 @@ def _restrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_hf, export_lora
+
+    if args.lora:
+        export_lora(args.run, args.lora, restrained=args.restrained, log=print)
+    else:
+        export_hf(args.run, args.hf, restrained=args.restrained, log=print)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -122,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _parser().parse_args(argv)
     from .experiment import ExperimentError
+    from .export import ExportError
     from .posthoc import PosthocError
 
     try:
@@ -129,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "restrain":
             return _restrain(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "report":
             from .report import write_report
 
@@ -136,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         return _demo(args)
-    except (ExperimentError, FileNotFoundError, PosthocError) as exc:
+    except (ExperimentError, FileNotFoundError, PosthocError, ExportError) as exc:
         print(f"prune-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
