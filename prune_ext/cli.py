@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--corpus", help="text file or folder for the key statistics (default: model samples)")
     run.add_argument("--unrestrained-out", help="also write the unrestrained run here (same editing pass)")
+    run.add_argument("--hparams", help="an EasyEdit ROME/MEMIT/AlphaEdit YAML file of hyper-parameters")
     run.add_argument("--out", required=True)
 
     rep = sub.add_parser("report", help="plots and a table from run folders")
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .editing.easyedit import read_easyedit_hparams
     from .experiment import ExperimentConfig, run_experiment
 
     config = ExperimentConfig(
@@ -77,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
+        hparams=read_easyedit_hparams(args.hparams, args.editor, model=args.model)[1] if args.hparams else {},
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(argv[1:])
         return 0
     args = _parser().parse_args(argv)
+    from .editing.easyedit import HParamsError
     from .experiment import ExperimentError
     from .export import ExportError
     from .posthoc import PosthocError
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         return _demo(args)
-    except (ExperimentError, FileNotFoundError, PosthocError, ExportError) as exc:
+    except (ExperimentError, FileNotFoundError, HParamsError, PosthocError, ExportError) as exc:
         print(f"prune-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

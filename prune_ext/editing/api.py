@@ -19,7 +19,7 @@ from .rome import Rome
 __all__ = ["apply_edits", "make_editor"]
 
 Request = EditRequest | Mapping[str, Any]
-HParams = RomeHyperParams | MemitHyperParams | Mapping[str, Any] | None
+HParams = RomeHyperParams | MemitHyperParams | Mapping[str, Any] | str | os.PathLike[str] | None
 
 
 def make_editor(
@@ -33,7 +33,11 @@ def make_editor(
     progress: bool = True,
 ) -> Rome | Memit:
     """A :class:`Rome` or :class:`Memit` editor; ``hparams`` may be a dict of overrides of the
-    model's defaults."""
+    model's defaults, or the path of an EasyEdit YAML file (see :mod:`prune_ext.editing.easyedit`)."""
+    if isinstance(hparams, (str, os.PathLike)):
+        from .easyedit import read_easyedit_hparams
+
+        hparams = read_easyedit_hparams(hparams, method, model=model)[1]
     classes = {"rome": (Rome, RomeHyperParams), "memit": (Memit, MemitHyperParams)}
     if method not in classes:
         raise ValueError(f"method must be 'rome' or 'memit', got {method!r}")
