@@ -236,7 +236,6 @@ def export_lora(
     lora_config = LoraConfig(
         r=r, lora_alpha=r, target_modules=sorted(factors), rank_pattern=differ, alpha_pattern=dict(differ),
         lora_dropout=0.0, bias="none", fan_in_fan_out=bool(transposed), task_type="CAUSAL_LM",
-        base_model_name_or_path=config["model"],
     )
     peft_model = get_peft_model(model, lora_config)
     with torch.no_grad():

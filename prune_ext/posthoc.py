@@ -364,13 +364,13 @@ def restrain_folder(
             for name in names:
                 entry = e.entries[name]
                 if name not in matrices:
-                    if _raw(e, name) != _raw(b, name):
+                    if not _same_bytes(e, b, name):
                         other_changed.append(name)
                     continue
-                if not _selected(name, globs):
+                if not _selected(name, globs) or _same_bytes(e, b, name):
                     continue
                 w_edit, w_base = e.tensor(name), b.tensor(name)
-                if torch.equal(w_edit, w_base):
+                if torch.equal(w_edit, w_base):  # other bytes, same values (-0.0 and 0.0)
                     continue
                 new, report = _restrain_matrix(name, w_edit, w_base, fn=fn, alpha=alpha, beta=beta, seed=seed)
                 reports.append(report)
@@ -392,12 +392,20 @@ def restrain_folder(
     return reports
 
 
-def _raw(ckpt: _Checkpoint, name: str) -> bytes:
-    """The stored bytes of a (small, non-matrix) tensor."""
-    entry = ckpt.entries[name]
-    with open(ckpt.folder / entry.file, "rb") as f:
-        f.seek(entry.begin)
-        return f.read(entry.end - entry.begin)
+def _same_bytes(a: _Checkpoint, b: _Checkpoint, name: str, chunk: int = 1 << 22) -> bool:
+    """Whether ``name`` is stored with the same bytes in both checkpoints (read 4 MiB at a time, so
+    an unchanged matrix is never loaded whole; -0.0 vs 0.0 or NaN payloads count as changes)."""
+    ea, eb = a.entries[name], b.entries[name]
+    with open(a.folder / ea.file, "rb") as fa, open(b.folder / eb.file, "rb") as fb:
+        fa.seek(ea.begin)
+        fb.seek(eb.begin)
+        left = ea.end - ea.begin
+        while left > 0:
+            n = min(chunk, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

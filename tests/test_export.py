@@ -215,7 +215,7 @@ def test_smollm2_exports(tmp_path):
 
     model, tok = load_model("smollm2-135m")
     name = "model.layers.4.mlp.down_proj"
-    w = model.get_submodule(name).weight.detach()
+    w = model.get_submodule(name).weight.detach().clone()
     edit = w + matrix_with_spectrum(*w.shape, torch.tensor([30.0, 10.0], dtype=torch.float64), seed=0)
     run = _write_run(tmp_path / "run", "smollm2-135m", {f"{name}.weight": edit})
     assert main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 0
