@@ -107,13 +107,18 @@ def tok():
     return gpt2_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def llama(tok):
+    return tiny_model("llama", tok)
+
+
 def _yaml(tmp_path, text: str, name: str = "hp.yaml"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
 
 
-def test_rome_file(tmp_path, tok):
+def test_rome_file(tmp_path, tok, llama):
     method, hp = read_easyedit_hparams(_yaml(tmp_path, ROME_LLAMA), "rome")
     assert method == "rome"
     assert hp == {
@@ -122,19 +127,18 @@ def test_rome_file(tmp_path, tok):
         "mom2_n_samples": 100000, "context_lengths": [[5, 10], [10, 10]],
     }
     assert json.loads(json.dumps(hp)) == hp  # survives a run's config.json unchanged
-    model = tiny_model("llama", tok)
-    editor = make_editor(model, tok, "rome", _yaml(tmp_path, ROME_LLAMA), progress=False)  # a path as hparams=
+    editor = make_editor(llama, tok, "rome", _yaml(tmp_path, ROME_LLAMA), progress=False)  # a path as hparams=
     assert isinstance(editor.hparams, RomeHyperParams)
     assert editor.hparams.layer == 2 and editor.hparams.v_lr == 0.5 and not editor.hparams.mom2_adjustment
     assert editor.hparams.module_name == "model.layers.2.mlp.down_proj"
 
 
 def test_memit_and_alphaedit_files(tmp_path, tok):
-    method, hp = read_easyedit_hparams(_yaml(tmp_path, MEMIT_GPT2), model=tiny_model("gpt2", tok))
+    model = tiny_model("gpt2", tok)
+    method, hp = read_easyedit_hparams(_yaml(tmp_path, MEMIT_GPT2), model=model)
     assert method == "memit"
     assert hp["layers"] == [1, 2, 3] and hp["block_template"] == "transformer.h.{}"
     assert hp["mom2_update_weight"] == 20000.0 and hp["clamp_norm_factor"] == 0.75 and hp["v_weight_decay"] == 0.5
-    model = tiny_model("gpt2", tok)
     editor = make_editor(model, tok, "memit", hp, progress=False)
     assert isinstance(editor.hparams, MemitHyperParams) and editor.hparams.z_block_name == "transformer.h.3"
     method, hp = read_easyedit_hparams(_yaml(tmp_path, ALPHAEDIT_LLAMA), "alphaedit")
@@ -174,19 +178,19 @@ def test_every_easyedit_field_is_mapped_checked_or_ignored():
     ({"nullspace_threshold": 0.02}, "nullspace_threshold"),
     ({"some_new_knob": 1, "batch_size": 4}, "batch_size, some_new_knob"),
 ])
-def test_unsupported_fields_and_values_are_named(tmp_path, tok, change, message):
+def test_unsupported_fields_and_values_are_named(tmp_path, llama, change, message):
     lines = [line for line in textwrap.dedent(ROME_LLAMA).splitlines() if line.split(":")[0] not in change]
     text = "\n".join(lines + [f"{k}: {json.dumps(v)}" for k, v in change.items()])
     with pytest.raises(HParamsError, match=message) as exc:
-        read_easyedit_hparams(_yaml(tmp_path, text), "rome", model=tiny_model("llama", tok))
+        read_easyedit_hparams(_yaml(tmp_path, text), "rome", model=llama)
     assert "\n" not in str(exc.value)
 
 
-def test_run_reads_hparams_file(tmp_path, tok, capsys, monkeypatch):
+def test_run_reads_hparams_file(tmp_path, tok, llama, capsys, monkeypatch):
     """--hparams is parsed before the run starts: its errors are one line, its values reach config.json."""
     monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "model"
-    tiny_model("llama", tok).save_pretrained(model_dir)
+    llama.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     bad = _yaml(tmp_path, ROME_LLAMA.replace("v_loss_layer: 3", "v_loss_layer: 31"), "bad.yaml")
     capsys.readouterr()
