@@ -1,4 +1,4 @@
-"""The ``prune-ext`` command line: run, report, demo, bench."""
+"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export."""
 
 from __future__ import annotations
 
@@ -11,15 +11,6 @@ DEMO_EDITS = 111
 
 def _tasks(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _hparams(path: str) -> dict:
-    from .editing.hparams import read_hparams_file
-
-    try:
-        return read_hparams_file(path)
-    except (OSError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _placement(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--corpus", help="text file or folder for the key statistics (default: model samples)")
     run.add_argument("--unrestrained-out", help="also write the unrestrained run here (same editing pass)")
-    run.add_argument("--hparams", type=_hparams, default={},
-                     help="JSON or YAML file of editor hyper-parameters (field names of prune_ext.editing.hparams)")
+    run.add_argument("--hparams", help="JSON/YAML file of editor hyper-parameters: our field names, or an "
+                     "EasyEdit ROME/MEMIT/AlphaEdit YAML file (recognised by its alg_name)")
     run.add_argument("--live", action="store_true", help="also score edits by greedy decoding (live_efficacy)")
     _placement(run)
     run.add_argument("--out", required=True)
@@ -72,6 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     _placement(demo)
 
     sub.add_parser("bench", help="the restraint benchmark table", add_help=False)
+
+    res = sub.add_parser("restrain", help="PRUNE on any edited checkpoint: restrain edited − base, write a new folder")
+    res.add_argument("--base", required=True, help="the unedited Hugging Face folder")
+    res.add_argument("--edited", required=True, help="the edited Hugging Face folder (same architecture)")
+    res.add_argument("--out", required=True, help="the new folder (must not exist)")
+    res.add_argument("--fn", choices=["log", "linear"], default="log")
+    res.add_argument("--alpha", type=float, default=1.2)
+    res.add_argument("--beta", type=float, default=2.0)
+    res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")
+
+    exp = sub.add_parser("export", help="a run's edits as a PEFT LoRA adapter (--lora) or a full HF folder (--hf)")
+    exp.add_argument("run", help="a run folder written by prune-ext run")
+    dest = exp.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--lora", help="write a PEFT LoRA adapter folder here")
+    dest.add_argument("--hf", help="write a full Hugging Face model folder here")
+    which = exp.add_mutually_exclusive_group()
+    which.add_argument("--restrained", dest="restrained", action="store_const", const=True,
+                       help="check that RUN holds the restrained weights")
+    which.add_argument("--unrestrained", dest="restrained", action="store_const", const=False,
+                       help="check that RUN holds the unrestrained weights")
     return ap
 
 
@@ -81,14 +92,20 @@ def _placement_args(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiment import ExperimentConfig, run_experiment
+    from .editing.hparams import read_hparams_file
+    from .experiment import ExperimentConfig, ExperimentError, run_experiment
+
+    try:
+        hparams = read_hparams_file(args.hparams, args.editor, model=args.model) if args.hparams else {}
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from None
 
     config = ExperimentConfig(
         out=args.out, model=args.model, editor=args.editor, data=args.data, format=args.format,
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
-        live=args.live, hparams=args.hparams, **_placement_args(args),
+        live=args.live, hparams=hparams, **_placement_args(args),
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")
@@ -139,6 +156,27 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _restrain(args: argparse.Namespace) -> int:
+    from .posthoc import REPORT_NAME, format_table, restrain_folder
+
+    reports = restrain_folder(args.base, args.edited, args.out, fn=args.fn, alpha=args.alpha, beta=args.beta,
+                              modules=args.modules, log=print)
+    print()
+    print(format_table(reports) if reports else "no 2-D weight differs between the two models")
+    print(f"wrote {args.out} (table in {Path(args.out) / REPORT_NAME})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_hf, export_lora
+
+    if args.lora:
+        export_lora(args.run, args.lora, restrained=args.restrained, log=print)
+    else:
+        export_hf(args.run, args.hf, restrained=args.restrained, log=print)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -147,12 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(argv[1:])
         return 0
     args = _parser().parse_args(argv)
+    from .editing.easyedit import HParamsError
     from .experiment import ExperimentError
+    from .export import ExportError
+    from .posthoc import PosthocError
 
     try:
         if args.command == "run":
             _interrupt_on_sigterm()
             return _run(args)
+        if args.command == "restrain":
+            return _restrain(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "report":
             from .report import write_report
 
@@ -160,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         return _demo(args)
-    except (ExperimentError, FileNotFoundError) as exc:
+    except (ExperimentError, FileNotFoundError, HParamsError, PosthocError, ExportError) as exc:
         print(f"prune-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -46,8 +46,13 @@ def make_editor(
     corpus: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Editor:
-    """The editor registered as ``method``; ``hparams`` is its hyper-parameter object, or a dict
-    of overrides of the model's defaults."""
+    """The editor registered as ``method``; ``hparams`` is its hyper-parameter object, a dict of
+    overrides of the model's defaults, or the path of a JSON/YAML file of them (an EasyEdit
+    ROME/MEMIT/AlphaEdit file is recognised by its ``alg_name``: :mod:`prune_ext.editing.easyedit`)."""
+    if isinstance(hparams, (str, os.PathLike)):
+        from .hparams import read_hparams_file
+
+        hparams = read_hparams_file(hparams, method, model=model)
     if method not in EDITORS:
         raise ValueError(f"method must be one of {', '.join(sorted(EDITORS))}, got {method!r}")
     cls = EDITORS[method]

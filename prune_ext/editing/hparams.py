@@ -154,16 +154,24 @@ class MemitHyperParams(ValueHyperParams):
         return cls(**fields)
 
 
-def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Hyper-parameter overrides from a JSON or YAML file (a mapping of this module's field names)."""
+def read_hparams_file(path: str | os.PathLike[str], editor: str | None = None, *, model: Any = None) -> dict[str, Any]:
+    """Hyper-parameter overrides from a JSON or YAML file: a mapping of this module's field names, or
+    an EasyEdit ROME/MEMIT/AlphaEdit file (it has ``alg_name``), mapped field by field by
+    :func:`prune_ext.editing.easyedit.read_easyedit_hparams` (``editor`` and ``model`` check it)."""
     import yaml
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--hparams {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid JSON/YAML ({exc})") from None
+        raise ValueError(f"{path}: not valid JSON/YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of hyper-parameter names to values")
+    if "alg_name" in data:
+        from .easyedit import read_easyedit_hparams
+
+        return read_easyedit_hparams(path, editor, model=model)[1]
     return data
 
 
