@@ -19,11 +19,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run (or resume) a sequential-editing experiment")
     run.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
-    run.add_argument("--editor", choices=["rome", "memit"], default="rome")
+    from .editing import EDITORS
+
+    run.add_argument("--editor", choices=sorted(EDITORS), default="rome")
     run.add_argument("--data", help="CounterFact or zsRE JSON file (default: the demo's built-in requests)")
     run.add_argument("--format", choices=["counterfact", "zsre"], default="counterfact")
     run.add_argument("--num-edits", type=int, default=100)
-    run.add_argument("--batch-size", type=int, default=1, help="requests per MEMIT step")
+    run.add_argument("--batch-size", type=int, default=1, help="requests per MEMIT / AlphaEdit step")
+    run.add_argument("--mpes", action="store_true", help="most-probable early stopping of the value optimisation")
+    run.add_argument("--norm-constraint", type=float, metavar="MU", help="ENCORE's norm penalty μ (MEMIT, AlphaEdit)")
     run.add_argument("--restrain", choices=["none", "log", "linear"], default="log")
     run.add_argument("--alpha", type=float, default=1.2)
     run.add_argument("--beta", type=float, default=2.0)
@@ -57,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
+        hparams={**({"mpes": True} if args.mpes else {}),
+                 **({"norm_constraint": args.norm_constraint} if args.norm_constraint is not None else {})},
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")

@@ -13,6 +13,7 @@ restrained model W'_N at every checkpoint, ``unrestrained_out`` the unrestrained
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,8 +58,13 @@ class ExperimentConfig:
     only_known: bool = False  # keep only requests whose true answer the model prefers (demo)
 
     def validate(self) -> None:
-        if self.editor not in ("rome", "memit"):
-            raise ExperimentError(f"--editor must be rome or memit, got {self.editor!r}")
+        from .editing import EDITORS  # the registry: every registered editor is a valid --editor
+
+        if self.editor not in EDITORS:
+            raise ExperimentError(f"--editor must be one of {', '.join(sorted(EDITORS))}, got {self.editor!r}")
+        known = {f.name for f in dataclasses.fields(EDITORS[self.editor].hparams_class)}
+        if set(self.hparams) - known:
+            raise ExperimentError(f"{self.editor} has no setting(s) {', '.join(sorted(set(self.hparams) - known))}")
         if self.format not in ("counterfact", "zsre"):
             raise ExperimentError(f"--format must be counterfact or zsre, got {self.format!r}")
         if self.restrain not in ("none", "log", "linear"):
