@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="CounterFact or zsRE JSON file (default: the demo's built-in requests)")
     run.add_argument("--format", choices=["counterfact", "zsre"], default="counterfact")
     run.add_argument("--num-edits", type=int, default=100)
-    run.add_argument("--batch-size", type=int, default=1, help="requests per MEMIT step")
+    run.add_argument("--batch-size", type=int, default=1, help="requests per MEMIT / AlphaEdit step")
+    run.add_argument("--mpes", action="store_true", help="most-probable early stopping of the value optimisation")
+    run.add_argument("--norm-constraint", type=float, metavar="MU", help="ENCORE's norm penalty μ (MEMIT, AlphaEdit)")
     run.add_argument("--restrain", choices=["none", "log", "linear"], default="log")
     run.add_argument("--alpha", type=float, default=1.2)
     run.add_argument("--beta", type=float, default=2.0)
@@ -99,6 +101,10 @@ def _run(args: argparse.Namespace) -> int:
         hparams = read_hparams_file(args.hparams, args.editor, model=args.model) if args.hparams else {}
     except ValueError as exc:
         raise ExperimentError(str(exc)) from None
+    if args.mpes:
+        hparams["mpes"] = True
+    if args.norm_constraint is not None:
+        hparams["norm_constraint"] = args.norm_constraint
 
     config = ExperimentConfig(
         out=args.out, model=args.model, editor=args.editor, data=args.data, format=args.format,

@@ -21,6 +21,7 @@ save, skips the rows already written and ends with the same weights and rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -72,10 +73,13 @@ class ExperimentConfig:
     store_device: str | None = None  # where the books live (default: each matrix's GPU, else the CPU)
 
     def validate(self) -> None:
-        from .editing import EDITORS
+        from .editing import EDITORS  # the registry: every registered editor is a valid --editor
 
         if self.editor not in EDITORS:
             raise ExperimentError(f"--editor must be one of {', '.join(sorted(EDITORS))}, got {self.editor!r}")
+        known = {f.name for f in dataclasses.fields(EDITORS[self.editor].hparams_class)}
+        if set(self.hparams) - known:
+            raise ExperimentError(f"{self.editor} has no setting(s) {', '.join(sorted(set(self.hparams) - known))}")
         if self.format not in ("counterfact", "zsre"):
             raise ExperimentError(f"--format must be counterfact or zsre, got {self.format!r}")
         if self.restrain not in ("none", "log", "linear"):

@@ -76,6 +76,7 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
         (["run", "--num-edits", "0", "--out", "x"], "--num-edits must be at least 1"),
         (["run", "--alpha", "1.0", "--out", "x"], "--alpha must be"),
         (["run", "--editor", "rome", "--batch-size", "4", "--out", "x"], "one request at a time"),
+        (["run", "--editor", "rome", "--norm-constraint", "2", "--out", "x"], "rome has no setting(s) norm_constraint"),
         (["run", "--every", "5", "--unrestrained-out", "y", "--out", "x"], "once at the end"),
         (["run", "--tasks", "chess", "--out", "x"], "chess"),
         (["report", "/no/such/run", "--out", "x"], "not a prune-ext run folder"),
@@ -95,3 +96,18 @@ def test_malformed_data_names_the_record(tmp_path, capsys, monkeypatch):
     assert main(["run", "--data", str(bad), "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "prune-ext: error:" in err and "target_new" in err
+
+
+def test_editor_choices_come_from_the_registry_and_flags_become_hparams(monkeypatch, tmp_path):
+    import prune_ext.experiment as experiment
+    from prune_ext.editing import EDITORS
+
+    seen = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda config: seen.append(config) or {"edits": 0})
+    monkeypatch.chdir(tmp_path)
+    assert "alphaedit" in EDITORS
+    argv = ["run", "--editor", "alphaedit", "--batch-size", "100", "--mpes", "--norm-constraint", "10", "--out", "x"]
+    assert main(argv) == 0
+    assert seen[0].editor == "alphaedit" and seen[0].hparams == {"mpes": True, "norm_constraint": 10.0}
+    seen[0].validate()  # the registry's editor and its settings pass
+    assert main(["run", "--editor", "memit", "--out", "y"]) == 0 and seen[1].hparams == {}

@@ -1,4 +1,4 @@
-"""Model editors for Hugging Face causal LMs: ROME and MEMIT, returning low-rank updates.
+"""Model editors for Hugging Face causal LMs: ROME, MEMIT and AlphaEdit, returning low-rank updates.
 
 Quick use::
 
@@ -11,10 +11,11 @@ stored layout of ``module``'s weight), already applied to the model by ``apply_e
 themselves (``Editor.compute``) never write the model: the editing session is the one writer.
 """
 
+from .alphaedit import AlphaEdit
 from .api import EDITORS, apply_edits, make_editor, register_editor
 from .base import Editor
 from .covariance import KeyStatistics, default_cache_dir, key_statistics
-from .hparams import MemitHyperParams, RomeHyperParams, ValueHyperParams
+from .hparams import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, ValueHyperParams
 from .memit import Memit
 from .models import ArchSpec, apply_update, arch_spec, load_model
 from .requests import (
@@ -30,6 +31,8 @@ from .rome import Rome
 
 __all__ = [
     "EDITORS",
+    "AlphaEdit",
+    "AlphaEditHyperParams",
     "ArchSpec",
     "Editor",
     "EditRequest",

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from prune_ext.updates import LowRankUpdate
 
+from .alphaedit import AlphaEdit
 from .base import Editor
 from .memit import Memit
 from .models import apply_update
@@ -32,7 +33,7 @@ def register_editor(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
-for _cls in (Rome, Memit):
+for _cls in (Rome, Memit, AlphaEdit):
     register_editor(_cls)
 
 
@@ -84,9 +85,9 @@ def apply_edits(
     """Edit ``model`` in place and return the updates as low-rank factors, in order.
 
     The editor computes each step's updates and this function applies them, step by step (each
-    step sees the earlier ones). ROME: one rank-one update per request. MEMIT: batches of
-    ``batch_size`` requests (default: all at once), one update of rank ≤ batch size per edited
-    layer and batch. Requests are :class:`EditRequest` objects or dicts with ``prompt``
+    step sees the earlier ones). ROME: one rank-one update per request. MEMIT and AlphaEdit:
+    batches of ``batch_size`` requests (default: all at once), one update of rank ≤ batch size per
+    edited layer and batch. Requests are :class:`EditRequest` objects or dicts with ``prompt``
     (containing the subject or ``"{}"``), ``subject`` and ``target_new``. Key statistics come from
     ``corpus`` (default: text sampled from the model), cached in ``cov_cache_dir`` (default
     ``$PRUNE_EXT_CACHE`` or ``~/.cache/prune_ext``). No PRUNE here: for that, and for sequential

@@ -8,10 +8,11 @@ For a batch of n requests and layers ℓ₁ < … < ℓ_L:
    K = the matrix's inputs at the subjects, n columns (averaged within each group of context
    prefixes, then across groups, as MEMIT's ``compute_ks``: the bare prompt weighs 1/2);
    R = (z − h_now) / (L − j + 1), spreading the remaining residual over the remaining layers;
-   Δ = R Kᵀ (λ C + K Kᵀ)⁻¹ (eq. 14), C = E[k kᵀ], λ = ``mom2_update_weight``.
+   Δ = R Kᵀ (λ C + K Kᵀ + μ I)⁻¹ (eq. 14), C = E[k kᵀ], λ = ``mom2_update_weight``, and μ =
+   ``norm_constraint`` (ENCORE's Frobenius-norm penalty μ‖Δ‖²_F on the batch update; 0 = MEMIT).
 
-Each Δ has rank ≤ n and is returned as factors (R, (λC + KKᵀ)⁻¹K) in the stored layout; the model
-is restored exactly before :meth:`Memit.compute` returns.
+Each Δ has rank ≤ n and is returned as factors (R, (λC + KKᵀ + μI)⁻¹K) in the stored layout; the
+model is restored exactly before :meth:`Memit.compute` returns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .hparams import MemitHyperParams
 from .models import apply_update, make_update
 from .requests import EditRequest, as_requests
 
-__all__ = ["Memit"]
+__all__ = ["Memit", "memit_right_factor"]
 
 
 class Memit(Editor):
@@ -72,7 +73,18 @@ class Memit(Editor):
                                groups=self.prefix_groups).to(torch.float64)
 
     def solve(self, name: str, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor) -> LowRankUpdate:
-        """Δ = R Kᵀ (λC + KKᵀ)⁻¹ (MEMIT eq. 14) as factors (R, (λC + KKᵀ)⁻¹K)."""
-        lhs = self.hparams.mom2_update_weight * mom2 + keys.T @ keys
-        adj = torch.linalg.solve(lhs, keys.T)  # (d_in, n)
-        return make_update(self.model, name, resid.T, adj)
+        """Δ = R Kᵀ (λC + KKᵀ + μI)⁻¹ (MEMIT eq. 14; μ = ``norm_constraint``) as factors
+        (R, (λC + KKᵀ + μI)⁻¹K); ``keys`` (n, d_in) and ``resid`` (n, d_out) hold one row per request.
+
+        It minimises λ‖ΔK₀‖² + ‖ΔK − R‖² + μ‖Δ‖²_F (C = K₀K₀ᵀ/N), the MEMIT objective with ENCORE's
+        norm term on the update: the gradient 2Δ(λC + KKᵀ + μI) − 2RKᵀ vanishes there.
+        """
+        return make_update(self.model, name, resid.T, memit_right_factor(self.hparams, keys, mom2))
+
+
+def memit_right_factor(hparams: MemitHyperParams, keys: torch.Tensor, mom2: torch.Tensor) -> torch.Tensor:
+    """(λC + KKᵀ + μI)⁻¹K (d_in × n, float64) for keys K given as rows (n × d_in)."""
+    lhs = hparams.mom2_update_weight * mom2 + keys.T @ keys
+    if hparams.norm_constraint:
+        lhs = lhs + hparams.norm_constraint * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
+    return torch.linalg.solve(lhs, keys.T)
