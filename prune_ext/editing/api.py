@@ -13,6 +13,7 @@ from prune_ext.updates import LowRankUpdate
 
 from .base import Editor
 from .memit import Memit
+from .mend import Mend
 from .models import apply_update
 from .requests import EditRequest
 from .rome import Rome
@@ -32,7 +33,7 @@ def register_editor(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
-for _cls in (Rome, Memit):
+for _cls in (Rome, Memit, Mend):
     register_editor(_cls)
 
 
