@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     tm.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
     tm.add_argument("--data", required=True, help="CounterFact or zsRE JSON file of edit records")
     tm.add_argument("--out", required=True, help="output folder; an unfinished run there resumes")
-    tm.add_argument("--steps", type=int, help="optimiser steps of 10 edits each (default 500)")
+    tm.add_argument("--steps", type=int, help="optimiser steps of 10 edits each (default 400)")
     tm.add_argument("--val-size", type=int, help="records held out for validation (default 100)")
     tm.add_argument("--seed", type=int)
     tm.add_argument("--rank", type=int, help="inner rank of the editor networks (default 256)")

@@ -12,8 +12,16 @@ one edit request at a time, the base model frozen:
    and the step sizes η through ΔW (the gradient factors themselves are constants).
 
 The gradients of ``edits_per_step`` edits (MEND's ``accumulate_bs``: 10) are averaged, clipped to
-norm 100 (``grad_clip``), and one Adam step is taken on the networks (lr 1e-6) and one on the
-step sizes η (``lr_lr``: 1e-4; η starts at ``edit_lr``: 1e-4).
+norm 100 (``grad_clip``), and one Adam step is taken on the networks and one on the step sizes η
+(``lr_lr``: 1e-4; η starts at ``edit_lr``: 1e-4).
+
+One deliberate difference from MEND's configuration: the networks' Adam learning rate is 1e-4, not
+MEND's 1e-6. MEND trains for 10⁵–10⁶ edits with early stopping; the 60-minute CPU budget here allows
+about 4 000. In that budget 1e-6 leaves the networks at their identity initialisation (only η
+moves): on SmolLM2-135M after 40 steps (400 edits), validation loss 0.72 and efficacy 0.73 with 1e-6
+against 0.62 and 0.93 with 1e-4 (30 held-out CounterFact records each). ``lr=1e-6`` restores MEND's
+value. MEND's first optimiser also steps η with the network rate (η is in both optimisers); here η
+has only its own, which differs from MEND by that negligible 1e-6 term.
 
 Records come from a CounterFact (or zsRE) file. A seeded permutation holds out the first
 ``val_size`` records for validation (never trained on); the rest are visited in a seeded order per
@@ -51,7 +59,7 @@ from .network import MendNetConfig, MendNetworks
 
 __all__ = ["DEFAULT_RANK", "DEFAULT_STEPS", "MendTrainConfig", "TrainResult", "edit_objective", "train_mend"]
 
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 400
 DEFAULT_RANK = 256
 CHECKPOINT = "checkpoint.pt"
 # settings that define a run: a resumed run must agree on all of them
@@ -71,12 +79,15 @@ class MendTrainConfig:
         val_size: records held out for validation (never trained on).
         seed: seed of the split, the visiting order and the network initialisation.
         edits_per_step: edits whose gradients one optimiser step averages [``accumulate_bs``: 10].
-        lr: Adam learning rate of the networks [``lr``: 1e-6].
+        lr: Adam learning rate of the networks (MEND's ``lr`` is 1e-6; see the module docstring).
         lr_lr: Adam learning rate of the step sizes η [``lr_lr``: 1e-4].
         edit_lr: initial η [``edit_lr``: 1e-4].
         c_edit, c_loc: weights of the edit and locality losses [``cedit``: 0.1, ``cloc``: 1.0].
         grad_clip: gradient-norm clip [``grad_clip``: 100].
-        rank, n_hidden: network architecture [``rank``: 1920, ``n_hidden``: 1].
+        rank, n_hidden: network architecture [``n_hidden``: 1]. ``rank`` is 256, not MEND's 1920:
+            MEND set 1920 for GPT-2 XL-sized layers (dim u + dim δ = 8000); for SmolLM2's
+            576 + 1536 = 2112 it would be 91 % of full width, 32.5 M parameters (130 MB in
+            float32) against 4.4 M (17.6 MB) at 256, which ships with the package.
         layers: edited blocks (default: the last three).
         val_every: validate every this many steps (and before the first and after the last).
         val_edits: validation records used each time (default: all ``val_size``).
@@ -91,7 +102,7 @@ class MendTrainConfig:
     val_size: int = 100
     seed: int = 0
     edits_per_step: int = 10
-    lr: float = 1e-6
+    lr: float = 1e-4
     lr_lr: float = 1e-4
     edit_lr: float = 1e-4
     c_edit: float = 0.1
