@@ -1,4 +1,4 @@
-"""Model editors for Hugging Face causal LMs: ROME and MEMIT, returning low-rank updates.
+"""Model editors for Hugging Face causal LMs: ROME, MEMIT and MEND, returning low-rank updates.
 
 Quick use::
 
@@ -16,6 +16,7 @@ from .base import Editor
 from .covariance import KeyStatistics, default_cache_dir, key_statistics
 from .hparams import MemitHyperParams, RomeHyperParams, ValueHyperParams
 from .memit import Memit
+from .mend import Mend, MendHyperParams
 from .models import ArchSpec, apply_update, arch_spec, load_model
 from .requests import (
     EditRequest,
@@ -36,6 +37,8 @@ __all__ = [
     "KeyStatistics",
     "Memit",
     "MemitHyperParams",
+    "Mend",
+    "MendHyperParams",
     "Rome",
     "RomeHyperParams",
     "ValueHyperParams",
