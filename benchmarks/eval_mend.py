@@ -7,8 +7,10 @@ Each record is one edit on the unedited model (computed with ``Mend.compute``, a
 ``prune_ext.evaluation.evaluate_edits(..., "counterfact")``: P(new) > P(true) on the prompt, on its
 paraphrase, and locality = the neighbourhood prompt still prefers its own answer), then the edited
 matrices are restored exactly. Records are the editor's validation records (held out of training),
-read from its ``mend.json``. ``--sequential K`` also edits the first K records one after another
-(each computed on the model with the earlier edits applied) and scores all K at the end.
+read from its ``mend.json``, and with ``--unvisited M`` also M training records the run never reached
+(its edits covered only the start of the first epoch). ``--sequential K`` also edits the first K
+records one after another (each computed on the model with the earlier edits applied) and scores
+all K at the end.
 Prints a Markdown table; ``--out`` writes the numbers as JSON.
 """
 
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from prune_ext.editing import apply_update, load_counterfact, load_model, make_editor
+from prune_ext.editing import apply_update, load_model, load_requests, make_editor
+from prune_ext.editing.mend.train import _digest, unvisited_records
 from prune_ext.editing.models import get_module
 from prune_ext.editing.requests import data_dir
 from prune_ext.evaluation import evaluate_edits
@@ -45,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--editor", help="train-mend output folder (default: the packaged editor)")
     ap.add_argument("--data", default=str(data_dir() / "counterfact" / "counterfact-edit.json"))
     ap.add_argument("--n", type=int, default=100, help="held-out records to edit one at a time")
+    ap.add_argument("--unvisited", type=int, default=0, help="also M training records the run never edited")
     ap.add_argument("--sequential", type=int, default=0, help="also K sequential edits")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    records = load_counterfact(args.data)
+    records = load_requests(args.data, on_error="skip")
     model, tok = load_model("smollm2-135m")
     hparams = {"editor_path": args.editor} if args.editor else None
     editor = make_editor(model, tok, "mend", hparams, progress=False)
@@ -60,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if not held_out:
         print(f"{editor.editor_folder}/mend.json lists no validation records", file=sys.stderr)
         return 2
-    chosen = [records[i] for i in held_out[: args.n]]
+    if meta.get("data_digest") and _digest(records) != meta["data_digest"]:
+        print(f"{args.data} is not the data the editor was trained on", file=sys.stderr)
+        return 2
+    indices = held_out[: args.n]
+    if args.unvisited:
+        indices += unvisited_records(meta, len(records))[: args.unvisited]
+    chosen = [records[i] for i in indices]
     names = editor.edited_modules()
     original = {n: get_module(model, n).weight.detach().clone() for n in names}
 
@@ -84,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stderr)
 
     keys = ("efficacy", "generalization", "locality")
-    result: dict = {"editor": str(editor.editor_folder), "n": len(chosen), "records": held_out[: args.n],
+    result: dict = {"editor": str(editor.editor_folder), "n": len(chosen), "records": indices,
                     "seconds_per_edit": statistics.median(times), "rank_median": statistics.median(ranks)}
     print(f"MEND editor {editor.editor_folder} ({meta.get('steps')} steps, {meta.get('parameters')} parameters), "
-          f"{len(chosen)} held-out CounterFact records, one edit each on the unedited model\n")
+          f"{len(chosen)} CounterFact records never trained on ({min(args.n, len(held_out))} validation, "
+          f"{len(indices) - min(args.n, len(held_out))} unvisited), one edit each on the unedited model\n")
     print("| metric | unedited | after one MEND edit | 95 % interval | n |")
     print("|---|---|---|---|---|")
     for k in keys:

@@ -57,7 +57,8 @@ from .editor import default_mend_layers, mend_module_templates
 from .grads import Row, RowBatch, edited_shape, gradient_factors, low_rank_edits, make_row, mean_nll, row_logprobs
 from .network import MendNetConfig, MendNetworks
 
-__all__ = ["DEFAULT_RANK", "DEFAULT_STEPS", "MendTrainConfig", "TrainResult", "edit_objective", "train_mend"]
+__all__ = ["DEFAULT_RANK", "DEFAULT_STEPS", "MendTrainConfig", "TrainResult", "edit_objective", "train_mend",
+           "unvisited_records"]
 
 DEFAULT_STEPS = 400
 DEFAULT_RANK = 256
@@ -413,6 +414,19 @@ def train_mend(
                    "training": {k: v for k, v in asdict(config).items() if k in _IDENTITY}}
         editor_dir = networks.save(out / "editor", dtype=dtype, extra=summary)
     return TrainResult(networks, step, curve, val_curve, editor_dir, resumed_from)
+
+
+def unvisited_records(meta: dict[str, Any], n_records: int) -> list[int]:
+    """Indices of the training records a finished run never edited (beyond its validation records),
+    from an exported editor's ``mend.json``: with ``steps × edits_per_step`` below the number of
+    training records, the tail of the first epoch's order was never reached."""
+    training = meta["training"]
+    _, train_idx = _split(n_records, training["val_size"], training["seed"])
+    visited = meta["steps"] * training["edits_per_step"]
+    if visited >= len(train_idx):
+        return []
+    order = _order(len(train_idx), training["seed"], 0).tolist()
+    return [train_idx[i] for i in order[visited:]]
 
 
 def config_from_args(**kwargs: Any) -> MendTrainConfig:
