@@ -1,4 +1,4 @@
-"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export."""
+"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export, train-mend."""
 
 from __future__ import annotations
 
@@ -85,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="check that RUN holds the restrained weights")
     which.add_argument("--unrestrained", dest="restrained", action="store_const", const=False,
                        help="check that RUN holds the unrestrained weights")
+
+    tm = sub.add_parser("train-mend", help="train (or resume) MEND's editor networks for a model")
+    tm.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
+    tm.add_argument("--data", required=True, help="CounterFact or zsRE JSON file of edit records")
+    tm.add_argument("--out", required=True, help="output folder; an unfinished run there resumes")
+    tm.add_argument("--steps", type=int, help="optimiser steps of 10 edits each (default 400)")
+    tm.add_argument("--val-size", type=int, help="records held out for validation (default 100)")
+    tm.add_argument("--seed", type=int)
+    tm.add_argument("--rank", type=int, help="inner rank of the editor networks (default 256)")
+    tm.add_argument("--val-every", type=int, help="validate every N steps (default 100)")
+    tm.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     return ap
 
 
@@ -183,6 +194,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_mend(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .editing.mend.train import config_from_args, train_mend
+
+    try:
+        config = config_from_args(model=args.model, data=args.data, out=args.out, steps=args.steps,
+                                  val_size=args.val_size, seed=args.seed, rank=args.rank, val_every=args.val_every)
+        result = train_mend(config)
+    except ValueError as exc:  # bad settings or data: one line
+        print(f"prune-ext: error: {exc}", file=sys.stderr)
+        return 2
+    last = result.val_curve[-1] if result.val_curve else {}
+    print(f"done: {result.steps} steps; editor in {result.editor_dir}; validation (n={last.get('n', 0)}): "
+          f"efficacy {last.get('efficacy', float('nan')):.3f}, loss {last.get('loss', float('nan')):.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -204,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return _restrain(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "train-mend":
+            return _train_mend(args)
         if args.command == "report":
             from .report import write_report
 

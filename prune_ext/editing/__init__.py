@@ -1,4 +1,4 @@
-"""Model editors for Hugging Face causal LMs: ROME, MEMIT and AlphaEdit, returning low-rank updates.
+"""Model editors for Hugging Face causal LMs: ROME, MEMIT, AlphaEdit and MEND, returning low-rank updates.
 
 Quick use::
 
@@ -17,6 +17,7 @@ from .base import Editor
 from .covariance import KeyStatistics, default_cache_dir, key_statistics
 from .hparams import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, ValueHyperParams
 from .memit import Memit
+from .mend import Mend, MendHyperParams
 from .models import ArchSpec, apply_update, arch_spec, load_model
 from .requests import (
     EditRequest,
@@ -39,6 +40,8 @@ __all__ = [
     "KeyStatistics",
     "Memit",
     "MemitHyperParams",
+    "Mend",
+    "MendHyperParams",
     "Rome",
     "RomeHyperParams",
     "ValueHyperParams",

@@ -14,6 +14,7 @@ from prune_ext.updates import LowRankUpdate
 from .alphaedit import AlphaEdit
 from .base import Editor
 from .memit import Memit
+from .mend import Mend
 from .models import apply_update
 from .requests import EditRequest
 from .rome import Rome
@@ -33,7 +34,7 @@ def register_editor(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
-for _cls in (Rome, Memit, AlphaEdit):
+for _cls in (Rome, Memit, AlphaEdit, Mend):
     register_editor(_cls)
 
 
