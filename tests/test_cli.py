@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model_folder
 
 import prune_ext
 from prune_ext.cli import main
@@ -18,14 +18,7 @@ HPARAMS = {"mom2_n_samples": 3_000, "stats_seq_len": 32, "v_weight_decay": 1e-3,
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    tok = gpt2_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2", tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(400)))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model_folder
 
 from prune_ext.cli import main
 from prune_ext.editing import load_model
@@ -31,19 +31,10 @@ def _one_thread(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNE_EXT_CACHE", str(tmp_path / "cache"))
 
 
-def _folder(root: Path, arch: str) -> Path:
-    tok = gpt2_tokenizer()
-    folder = root / f"tiny-{arch}"
-    tiny_model(arch, tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "corpus.txt").write_text("\n".join(f"Line {i} is about towns, seas and kings." for i in range(400)))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {arch: _folder(root, arch) for arch in ("gpt2", "llama")}
+    return {arch: tiny_model_folder(root / f"tiny-{arch}", arch) for arch in ("gpt2", "llama")}
 
 
 def hp_file(folder: Path, hparams: dict) -> str:

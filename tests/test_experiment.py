@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model_folder
 
 import prune_ext.evaluation as evaluation
 from prune_ext.experiment import ExperimentConfig, ExperimentError, run_experiment
@@ -37,13 +37,7 @@ def _one_thread(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = gpt2_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2", tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(400)))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def config_for(model_dir: Path, out: Path, **kw) -> ExperimentConfig:
