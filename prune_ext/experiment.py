@@ -311,7 +311,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         # ended here (that restraint happens here, so it is timed here)
         s.hold(restrained=trace.restrained and once)
         restrain_seconds = time.perf_counter() - start
-        row: dict[str, Any] = {"edits": n, "final": final}
+        row: dict[str, Any] = {"edits": n, "final": final, "restrained": trace.restrained}
         scores = [evaluate_edits(model, tok, requests[:n], style, baseline=baseline, live=config.live,
                                  progress=False) if n else
                   {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]

@@ -25,7 +25,8 @@ EDIT_METRICS = ("efficacy", "generalization", "locality")
 LIVE_METRICS = ("live_efficacy", "live_generalization")
 SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"),
             ("delta_fro", "‖ΔW‖_F"))
-NOT_TASKS = {"edits", "final", "matrices", "seconds", "n", "intervals", "restraints", "perplexity_source",
+NOT_TASKS = {"edits", "final", "matrices", "seconds", "n", "intervals", "restraints", "restrained",
+             "perplexity_source",
              *EDIT_METRICS, *LIVE_METRICS}
 
 Run = dict[str, Any]
@@ -66,9 +67,16 @@ def _labels(runs: list[Run]) -> list[str]:
 
 
 def _restrained(run: Run) -> bool:
+    """Is this folder the restrained variant? The trace says so (``restrained`` in its rows); older
+    traces: not the config's ``unrestrained_out`` (the same folder, or a copy of it by that name)."""
+    rows = run.get("rows") or []
+    if rows and "restrained" in rows[-1]:
+        return bool(rows[-1]["restrained"])
     c = run["config"]
     other = c.get("unrestrained_out")
-    return c["restrain"] != "none" and not (other and Path(run["folder"]).resolve() == Path(other).resolve())
+    folder = Path(run["folder"])
+    return c["restrain"] != "none" and not (other and (folder.resolve() == Path(other).resolve()
+                                                       or folder.name == Path(other).name))
 
 
 def _number(value: Any) -> bool:

@@ -25,7 +25,7 @@ case "${1:-all}" in
     done
     R=docs/reproduction/runs
     "$P" report $R/rome-prune $R/rome-plain $R/rome-every25 --out docs/reproduction/rome
-    "$P" report $(ls -d $R/memit-* ) --out docs/reproduction/memit ;;
+    if ls -d $R/memit-* >/dev/null 2>&1; then "$P" report $R/memit-* --out docs/reproduction/memit; fi ;;
   all) for p in rome-once rome-every memit-once memit-every report; do "$0" "$p"; done ;;
   *) echo "usage: $0 [rome-once|rome-every|memit-once|memit-every|report|all]" >&2; exit 2 ;;
 esac
