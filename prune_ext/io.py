@@ -23,6 +23,12 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -51,6 +57,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # whatever wrote it, make it durable before the rename
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets ordinary permissions
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     except BaseException:
