@@ -9,7 +9,7 @@ import pytest
 from tiny_models import gpt2_tokenizer, tiny_model
 
 from prune_ext.cli import main
-from prune_ext.editing import MemitHyperParams, RomeHyperParams, make_editor
+from prune_ext.editing import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, make_editor
 from prune_ext.editing.easyedit import CHECKED, FIELD_MAP, IGNORED, HParamsError, read_easyedit_hparams
 
 # modelled on EasyEdit's hparams/ROME/llama-7b.yaml, hparams/MEMIT/gpt2-xl.yaml, hparams/AlphaEdit/llama3-8b.yaml,
@@ -143,8 +143,11 @@ def test_memit_and_alphaedit_files(tmp_path, tok):
     assert isinstance(editor.hparams, MemitHyperParams) and editor.hparams.z_block_name == "transformer.h.3"
     method, hp = read_easyedit_hparams(_yaml(tmp_path, ALPHAEDIT_LLAMA), "alphaedit")
     assert method == "alphaedit"
-    assert hp["nullspace_threshold"] == 0.02 and hp["L2"] == 1.0 and hp["layers"] == [0, 1, 2]
+    assert hp["nullspace_threshold"] == 0.02 and hp["l2"] == 1.0 and hp["layers"] == [0, 1, 2]
     assert hp["v_lr"] == 0.1 and "P_loc" not in hp
+    llama = tiny_model("llama", tok)
+    editor = make_editor(llama, tok, "alphaedit", hp, progress=False)  # every mapped name is a field
+    assert isinstance(editor.hparams, AlphaEditHyperParams) and editor.hparams.l2 == 1.0
 
 
 def test_every_easyedit_field_is_mapped_checked_or_ignored():

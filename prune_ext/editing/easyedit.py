@@ -3,7 +3,7 @@
 :func:`read_easyedit_hparams` returns ``(method, overrides)``: the editor (``"rome"``, ``"memit"`` or
 ``"alphaedit"``) and a dict of :class:`~prune_ext.editing.hparams.RomeHyperParams` /
 :class:`~prune_ext.editing.hparams.MemitHyperParams` fields (AlphaEdit: MEMIT's plus
-``nullspace_threshold`` and ``L2``) to pass as ``hparams=`` to ``make_editor``. Values are plain
+``nullspace_threshold``, and ``L2`` as ``l2``) to pass as ``hparams=`` to ``make_editor``. Values are plain
 JSON types (lists, not tuples), so a run's ``config.json`` round-trips them.
 
 Every field EasyEdit defines is either mapped (``FIELD_MAP``), used for a check (``CHECKED``) or
@@ -45,7 +45,7 @@ _MEMIT = {**_SHARED, "layers": "layers", "layer_module_tmp": "block_template",
 FIELD_MAP: dict[str, dict[str, str]] = {
     "rome": {**_SHARED, "layers": "layer"},
     "memit": _MEMIT,
-    "alphaedit": {**_MEMIT, "nullspace_threshold": "nullspace_threshold", "L2": "L2"},
+    "alphaedit": {**_MEMIT, "nullspace_threshold": "nullspace_threshold", "L2": "l2"},
 }
 
 CHECKED: dict[str, str] = {
