@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import tiny_models
 import torch
+from safetensors.torch import load_file
 
 from prune_ext.editing import (
     AlphaEdit,
@@ -36,6 +37,7 @@ from prune_ext.editing.hooks import add_to_output
 from prune_ext.editing.models import get_module
 from prune_ext.editing.requests import data_dir
 from prune_ext.editing.tokens import pad_id, pad_right
+from prune_ext.session import EditingSession
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,8 +175,10 @@ def test_alphaedit_leaves_the_preserved_keys_alone(tok: Any, corpus: Path, cache
     for update in alpha_updates:
         space = alpha.null_space(update.module)
         assert space.dim == 1024 - N_KEYS  # the exact null space: 1024 − rank(300 keys)
-        delta = update.dense().double()  # Llama layout (out, in): Δ P⊥ = Δ − Δ P = 0 to rounding
-        assert (delta - space.project(delta.T).T).abs().max() <= 1e-12 * delta.abs().max()
+        # Llama layout (out, in): Δ P⊥ = Δ − Δ P = 0, to the float32 rounding of the returned factors
+        # (exact to float64 rounding before they are stored: test_alphaedit_algebra)
+        delta = update.dense().double()
+        assert (delta - space.project(delta.T).T).abs().max() <= 1e-6 * delta.abs().max()
 
 
 def test_later_batches_spare_earlier_edits_and_state_resumes(tok: Any, corpus: Path, cache: Path) -> None:
@@ -226,6 +230,41 @@ def test_empty_null_space_is_a_clear_error(tok: Any, corpus: Path, cache: Path) 
     with pytest.raises(ValueError, match="empty null space"):
         editor.compute(REQUESTS[:1])
     assert editor.state_tensors() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# in the editing session (the one writer of weights; it saves the editor's state with its books)
+
+
+def _session(tok: Any, corpus: Path, cache: Path, checkpoint: Path | None) -> tuple[Any, EditingSession]:
+    model = tiny_models.tiny_model("llama", tok, seed=4)
+    session = EditingSession(model, tok, "alphaedit", ALPHA, restrain="log", checkpoint=checkpoint, save_every=2,
+                             corpus=corpus, cov_cache_dir=cache, progress=False)
+    return model, session
+
+
+def test_session_resumes_alphaedit_to_the_same_weights(tok: Any, corpus: Path, cache: Path, tmp_path: Path) -> None:
+    """Stopped after batch 1 and resumed from its checkpoint (a fresh model, session and editor), the
+    run ends with the same weights and AlphaEdit state as one that never stopped; batch 1's edits
+    survive batch 2."""
+    ckpt = tmp_path / "session.safetensors"
+    _, first = _session(tok, corpus, cache, ckpt)
+    first.run(REQUESTS[:2], batch_size=2, finish=False)  # saved after the step (save_every=2)
+    assert first.saved_edits == 2 and any(k.startswith("editor::") for k in load_file(str(ckpt)))
+    model, resumed = _session(tok, corpus, cache, ckpt)
+    assert resumed.edits_done == 2 and resumed.editor.state_tensors().keys() == first.editor.state_tensors().keys()
+    resumed.run(REQUESTS, batch_size=2)
+    ref_model, ref = _session(tok, corpus, cache, None)
+    ref.run(REQUESTS, batch_size=2)
+    for name in ref.ledgers:
+        assert torch.equal(model.get_submodule(name).weight, ref_model.get_submodule(name).weight), name
+    for key, value in ref.editor.state_tensors().items():
+        assert torch.equal(resumed.editor.state_tensors()[key], value), key
+    assert {int(v) for k, v in ref.editor.state_tensors().items() if k.endswith(".count")} == {4}
+    with torch.no_grad():  # the unrestrained W + ΔW of the same pass: every edit of both batches holds
+        for name, weight in ref.weights(restrained=False).items():
+            ref_model.get_submodule(name).weight.copy_(weight)
+    assert min(margin(ref_model, tok, r) for r in REQUESTS) > 1.0
 
 
 # ---------------------------------------------------------------------------------------------
