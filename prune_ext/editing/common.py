@@ -11,6 +11,7 @@ with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step, wh
 on the bare prompt. Several requests are optimised together (each with its own δ and its own Adam
 state, so the result equals optimising them one by one) to share forward passes.
 
+Requests are optimised in groups of bounded size, sorted by the length of what each step recomputes.
 A request stops when its loss falls below ``loss_stop`` and, with ``mpes`` (ENCORE's most-probable
 early stopping), as soon as its new target is the argmax next token at every target position
 (teacher-forced) in every context prefix, counted ``mpes_patience`` times. The rows of the
@@ -41,6 +42,7 @@ __all__ = ["ValueResult", "generate_prefixes", "optimize_values", "subject_vecto
 _PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 _KL_TEMPLATE = "{} is a"
 _ROWS_PER_FORWARD = 64
+_VALUE_ROWS = 192  # rows (prefixes + KL row per request) optimised together: ~2.5 GB of activations on SmolLM2
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -322,6 +324,8 @@ def optimize_values(
     module_name: str,
     prefixes: Sequence[str],
     hparams: ValueHyperParams,
+    *,
+    max_rows: int = _VALUE_ROWS,
 ) -> ValueResult:
     """Optimise one δ per request on the output of ``module_name`` (see the module docstring).
 
@@ -329,51 +333,96 @@ def optimize_values(
     in the authors' code, or, with ``hparams.mpes``, once its target has been the most probable
     continuation everywhere ``hparams.mpes_patience`` times; the others go on sharing the forward
     passes. ``steps[i]`` is the number of Adam steps request i took.
+
+    The requests are optimised in groups of at most ``max_rows`` rows (each request's δ, loss and
+    Adam state are its own, so grouping changes nothing but memory and padding): backward through a
+    batch of 100 MEMIT requests at once holds ~10 GB of activations on SmolLM2. Requests are grouped
+    by the width of their optimised suffix, which cuts the padded tokens by 1.6× on CounterFact.
     """
     device = _device(model)
     module = get_module(model, module_name)
     problems = [_problem(tokenizer, r, prefixes) for r in requests]
     n, pad = len(problems), pad_id(tokenizer)
+    init: list[torch.Tensor] = [torch.empty(0)] * n
+    deltas: list[torch.Tensor] = [torch.empty(0)] * n
+    nll_final, steps = [float("nan")] * n, [0] * n
+    with editing_mode(model):
+        for group in _groups(problems, max_rows):
+            out = _optimize_group(model, module, [problems[i] for i in group], hparams, pad, device)
+            for j, i in enumerate(group):
+                init[i], deltas[i], nll_final[i], steps[i] = out[0][j], out[1][j], out[2][j], out[3][j]
+    return ValueResult(torch.stack(init), torch.stack(deltas), nll_final, steps)
+
+
+def _suffix_width(problem: _Problem) -> int:
+    return max(len(seq) - at for seq, at in zip(problem.seqs, problem.lookup))
+
+
+def _groups(problems: Sequence[_Problem], max_rows: int) -> list[list[int]]:
+    """Indices of ``problems`` in groups of at most ``max_rows`` rows (at least one problem each),
+    ordered by suffix width so that each group pads little."""
+    order = sorted(range(len(problems)), key=lambda i: (_suffix_width(problems[i]), i))
+    groups: list[list[int]] = []
+    rows = 0
+    for i in order:
+        size = len(problems[i].seqs)
+        if groups and rows + size <= max_rows:
+            groups[-1].append(i)
+            rows += size
+        else:
+            groups.append([i])
+            rows = size
+    return groups
+
+
+def _optimize_group(
+    model: nn.Module,
+    module: nn.Module,
+    problems: Sequence[_Problem],
+    hparams: ValueHyperParams,
+    pad: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], list[int]]:
+    """The optimisation loop for one group of problems sharing forward passes: (v₀, δ, NLL, steps)."""
+    n = len(problems)
     deltas = [torch.zeros(model.config.hidden_size, device=device, requires_grad=True) for _ in range(n)]
     optims = [torch.optim.Adam([d], lr=hparams.v_lr) for d in deltas]
     init: list[torch.Tensor] = []
     kl_init: list[torch.Tensor] = []
     nll_final, steps, top_hits = [float("nan")] * n, [0] * n, [0] * n
-    mpes = bool(getattr(hparams, "mpes", False))
-    patience = int(getattr(hparams, "mpes_patience", 1))
+    mpes, patience = bool(hparams.mpes), int(hparams.mpes_patience)
     active = list(range(n))
-    with editing_mode(model):
-        batch = _Batch(problems, pad, device)
-        batch.run_prefix(model)  # once: a shrinking batch picks its rows out of this cache
-        for step in range(hparams.v_num_grad_steps):
-            hidden, out = _forward(model, module, batch, torch.stack([deltas[i] for i in active]))
-            nll, kl_logp, top = _target_nll_and_kl_logp(model, batch, hidden, len(active))
-            if step == 0:  # δ = 0: the unedited value and next-token distribution
-                init = list(out[batch.bare_rows].to(torch.float32))
-                kl_init = list(kl_logp.detach())
-            total, still = torch.zeros((), device=device), []
-            top_list = top.tolist()
-            for j, i in enumerate(active):
-                kl = F.kl_div(kl_init[i], kl_logp[j], log_target=True, reduction="sum")
-                decay = hparams.v_weight_decay * deltas[i].norm() / init[i].norm() ** 2
-                loss = nll[j] + hparams.kl_factor * kl + decay
-                nll_final[i], steps[i] = float(nll[j].detach()), step
-                top_hits[i] += int(top_list[j])
-                done = loss.item() < hparams.loss_stop or (mpes and top_hits[i] >= patience)
-                if not done and step < hparams.v_num_grad_steps - 1:
-                    total, still = total + loss, [*still, i]
-            if not still:
-                break
-            total.backward()
-            for i in still:
-                optims[i].step()
-                optims[i].zero_grad()
-                _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
-            if still != active:
-                position = {i: j for j, i in enumerate(active)}
-                batch = batch.subset([position[i] for i in still], [problems[i] for i in active], pad)
-                active = still
-    return ValueResult(torch.stack(init), torch.stack([d.detach() for d in deltas]), nll_final, steps)
+    batch = _Batch(problems, pad, device)
+    batch.run_prefix(model)  # once: a shrinking batch picks its rows out of this cache
+    for step in range(hparams.v_num_grad_steps):
+        hidden, out = _forward(model, module, batch, torch.stack([deltas[i] for i in active]))
+        nll, kl_logp, top = _target_nll_and_kl_logp(model, batch, hidden, len(active))
+        if step == 0:  # δ = 0: the unedited value and next-token distribution
+            init = list(out[batch.bare_rows].to(torch.float32))
+            kl_init = list(kl_logp.detach())
+        total, still = torch.zeros((), device=device), []
+        top_list = top.tolist()
+        for j, i in enumerate(active):
+            kl = F.kl_div(kl_init[i], kl_logp[j], log_target=True, reduction="sum")
+            decay = hparams.v_weight_decay * deltas[i].norm() / init[i].norm() ** 2
+            loss = nll[j] + hparams.kl_factor * kl + decay
+            nll_final[i], steps[i] = float(nll[j].detach()), step
+            top_hits[i] += int(top_list[j])
+            done = loss.item() < hparams.loss_stop or (mpes and top_hits[i] >= patience)
+            if not done and step < hparams.v_num_grad_steps - 1:
+                total, still = total + loss, [*still, i]
+        if not still:
+            break
+        total.backward()
+        for i in still:
+            optims[i].step()
+            optims[i].zero_grad()
+            _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
+        if still != active:
+            position = {i: j for j, i in enumerate(active)}
+            batch = batch.subset([position[i] for i in still], [problems[i] for i in active], pad)
+            active = still
+    return init, [d.detach() for d in deltas], nll_final, steps
 
 
 @torch.no_grad()
