@@ -315,6 +315,23 @@ def test_mpes_stops_at_the_most_probable_target(tok: Any) -> None:
         torch.testing.assert_close(alone.delta[0], early.delta[i], rtol=1e-4, atol=1e-5)
 
 
+
+def test_grouped_value_optimisation_equals_one_group(tok: Any) -> None:
+    """Groups of at most max_rows rows (sorted by suffix width) change memory and padding, nothing else:
+    each request's δ, Adam state and stopping step are its own."""
+    model = tiny_models.tiny_model("llama", tok, seed=2)
+    hp = RomeHyperParams.for_model(model, v_num_grad_steps=12, v_weight_decay=1e-3)
+    prefixes = ["", "Once upon a time there was a king. ", "I like it. "]
+    whole = common.optimize_values(model, tok, REQUESTS, hp.module_name, prefixes, hp.replace(mpes=True))
+    rows = len(prefixes) + 1  # a request's rows: one per prefix and its KL row
+    assert len(common._groups([common._problem(tok, r, prefixes) for r in REQUESTS], rows)) == len(REQUESTS)
+    grouped = common.optimize_values(model, tok, REQUESTS, hp.module_name, prefixes, hp.replace(mpes=True),
+                                     max_rows=rows)
+    assert grouped.steps == whole.steps
+    torch.testing.assert_close(grouped.delta, whole.delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grouped.init, whole.init, rtol=1e-5, atol=1e-6)
+    assert grouped.nll == pytest.approx(whole.nll, rel=1e-4, abs=1e-6)
+
 # ---------------------------------------------------------------------------------------------
 # SmolLM2 (slow)
 
