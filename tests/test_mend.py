@@ -26,7 +26,7 @@ from prune_ext.editing.mend.grads import (
     mean_nll,
     row_logprobs,
 )
-from prune_ext.editing.mend.network import RunningNorm
+from prune_ext.editing.mend.network import IdentityLowRankLayer, RunningNorm
 from prune_ext.editing.models import editing_mode, get_module
 
 transformers = pytest.importorskip("transformers")
@@ -113,6 +113,20 @@ def test_untrained_network_is_the_identity_and_training_mode_collects_statistics
     nets.transform({"a": (u, d), "b": (2 * u, 2 * d)})
     norm = nets.nets["5x7"].norm
     assert float(norm.count) == 8
+
+
+def test_zero_initialised_layer_gets_a_gradient_at_the_start():
+    """A = 0 puts every pre-activation at exactly 0: A, the bias and the shifts must still get the
+    gradient (MEND's clamp; torch 2.14 changed clamp's gradient at 0 to 0, which froze them)."""
+    layer = IdentityLowRankLayer(6, 3, 2, torch.Generator().manual_seed(0))
+    z, modes = torch.randn(5, 6), torch.tensor([0, 1, 0, 1, 1])
+    out = layer(z, modes)
+    torch.testing.assert_close(out, z)
+    out.square().sum().backward()
+    pre_grad = 2 * out  # d(sum out²)/d pre, with the activation's gradient 1 at 0
+    torch.testing.assert_close(layer.bias.grad, pre_grad.sum(0))
+    torch.testing.assert_close(layer.up.grad, pre_grad.T @ (z @ layer.down.detach().T))
+    assert layer.mode_shift.grad.abs().sum() > 0
 
 
 def test_running_norm_matches_the_statistics_of_all_rows():

@@ -144,9 +144,11 @@ class IdentityLowRankLayer(nn.Module):
         """``z`` (n, dim), ``modes`` (n,) long: each row's mode."""
         pre = (z @ self.down.T) @ self.up.T + self.bias
         pre = pre * self.mode_scale[modes] + self.mode_shift[modes]
-        # MEND clamps instead of calling relu "so the gradient at 0 isn't 0"; clamp's gradient at 0
-        # is 1 in PyTorch, which is what makes the zero-initialised A trainable at the start
-        return pre.clamp(min=0) + z
+        # MEND clamps instead of calling relu "so the gradient at 0 isn't 0": with A = 0 every entry
+        # of `pre` starts at exactly 0, and only a gradient of 1 there makes A trainable at all.
+        # clamp's gradient at 0 is 1 in torch 2.13 and 0 in 2.14, so say it explicitly: where()
+        # passes the gradient to every entry it selects, 0 included.
+        return torch.where(pre >= 0, pre, torch.zeros((), dtype=pre.dtype, device=pre.device)) + z
 
 
 class GradientEditor(nn.Module):
