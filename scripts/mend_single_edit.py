@@ -4,7 +4,7 @@ Each record is edited alone on the unedited model (the edit applied, scored, the
 exactly), so this measures the editor, not sequential editing. The records are the editor's validation
 split (``validation_records`` in its ``mend.json``), never trained on. Writes one JSON file with the
 mean of every score, its n and its 95 % interval, the same scores of the unedited model, and the
-per-record scores.
+per-record scores, and beside it (``.md``) the table README shows.
 
     .venv/bin/python scripts/mend_single_edit.py --out docs/mend/single_edit.json
 """
@@ -24,9 +24,18 @@ from prune_ext.editing.base import temporarily_applied
 from prune_ext.editing.mend import PACKAGED_WEIGHTS
 from prune_ext.evaluation import evaluate_edits
 from prune_ext.evaluation.intervals import mean_interval
-from prune_ext.io import write_json
+from prune_ext.io import atomic_write_text, write_json
 
 METRICS = ("efficacy", "generalization", "locality")
+
+
+def table(edited: dict, unedited: dict) -> str:
+    """The markdown table README shows (scripts/readme_tables.py copies it there)."""
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.3f} [{s['interval'][0]:.2f}, {s['interval'][1]:.2f}]"
+    lines = ["| score | after one MEND edit | unedited model | n |", "|---|---|---|---|"]
+    lines += [f"| {m} | {cell(edited[m])} | {cell(unedited[m])} | {edited[m]['n']} |" for m in METRICS]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -62,6 +71,7 @@ def main() -> None:
     before = {m: {"mean": unedited[m], "n": unedited["n"][m], "interval": unedited["intervals"][m]} for m in METRICS}
     write_json(Path(args.out), {"editor": meta["model"], "data": args.data, "records": len(rows),
                                 "scores": summary, "unedited": before, "per_record": rows})
+    atomic_write_text(Path(args.out).with_suffix(".md"), table(summary, before))
     for m, s in summary.items():
         print(f"{m:>15} {s['mean']:.3f}  95% [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}]  n={s['n']}"
               f"   (unedited model: {unedited[m]:.3f})")
