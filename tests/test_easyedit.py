@@ -6,7 +6,7 @@ import json
 import textwrap
 
 import pytest
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model
 
 from prune_ext.cli import main
 from prune_ext.editing import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, make_editor
@@ -100,11 +100,6 @@ mom2_dtype: "float32"
 nullspace_threshold: 2e-2
 L2: 1
 """
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import matrix_with_spectrum
 from safetensors.torch import save_file
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model
 
 from prune_ext.cli import main
 from prune_ext.editing import load_model
@@ -20,17 +20,7 @@ peft = pytest.importorskip("peft")
 HPARAMS = {"mom2_n_samples": 3_000, "stats_seq_len": 32, "v_weight_decay": 1e-3, "v_num_grad_steps": 6}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model_dir(tok, arch: str, folder: Path) -> Path:

@@ -6,7 +6,6 @@ edits held-out CounterFact records on SmolLM2-135M with the editor that ships wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +49,7 @@ def make_requests() -> list[EditRequest]:
     ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return tiny_models.gpt2_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edited_names(model: torch.nn.Module) -> list[str]:

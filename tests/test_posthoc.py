@@ -15,7 +15,7 @@ import torch
 from conftest import matrix_with_spectrum
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model
 
 import prune_ext
 from prune_ext import reference
@@ -26,17 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _low_rank(m: int, n: int, sigma: list[float], seed: int) -> torch.Tensor:

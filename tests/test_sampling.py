@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model
 
 from prune_ext.editing import key_statistics
 from prune_ext.editing.covariance import _sampled_token_lists, sample_rows
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
 
 
 def test_rows_follow_the_kv_cache_budget(tok):

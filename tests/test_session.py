@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import matrix_with_spectrum
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model
 
 from prune_ext import reference
 from prune_ext.editing import EditRequest
@@ -26,17 +26,7 @@ TARGETS = ["Paris", "Tokyo", "Berlin", "Madrid", "Rome", "London", "Vienna", "Os
 REQUESTS = [EditRequest(f"The home town of {s}", s, t) for s, t in zip(SUBJECTS, TARGETS)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models, and bitwise-reproducible runs across processes
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
