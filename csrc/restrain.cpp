@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, con
 namespace {
 
 constexpr int64_t kInitialRank = 64;     // first subspace size (without a rank hint)
-constexpr int64_t kGrowth = 2;           // least subspace growth factor per round (doubling)
+constexpr int64_t kGrowth = 2;           // doubling: the least first growth, the most later growth
 constexpr int64_t kDenseBelow = 96;      // min(m, n) at or below which a dense SVD is simply cheaper
 constexpr int64_t kRowBlockElems = 1 << 23;  // rows per block in residual passes: bounded memory
 constexpr int64_t kWidenBelow = 512;         // dense float32 matrices this small are done in float64…
