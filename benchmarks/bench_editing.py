@@ -32,6 +32,7 @@ from prune_ext.editing import (
     MemitHyperParams,
     Rome,
     RomeHyperParams,
+    apply_update,
     key_statistics,
     load_counterfact,
     load_model,
@@ -39,6 +40,14 @@ from prune_ext.editing import (
 from prune_ext.editing.requests import data_dir
 from prune_ext.session import EditingSession
 from prune_ext.updates import LowRankUpdate
+
+
+def edit_in_place(model: Any, editor: Any, step: Any) -> list[LowRankUpdate]:
+    """The editor's updates for one step, applied (the editors themselves never write the model)."""
+    updates = editor.compute(step)
+    for update in updates:
+        apply_update(model, update)
+    return updates
 
 
 def target_logprob(model: Any, tok: Any, prompt: str, target: str) -> float:
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         snap = Snapshot(model, [rome_hp.module_name])
         times, updates = [], []
         for request in requests[: args.rome_edits]:
-            ups, dt = timed(lambda request=request: rome.edit(request))
+            ups, dt = timed(lambda request=request: edit_in_place(model, rome, request))
             updates += ups
             times.append(dt)
         snap.check(updates)
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             times, updates = [], []
             for b in range(batches):
                 batch = requests[b * size : (b + 1) * size]
-                ups, dt = timed(lambda batch=batch: memit.edit(batch))
+                ups, dt = timed(lambda batch=batch: edit_in_place(model, memit, batch))
                 updates += ups
                 times.append(dt)
             snap.check(updates)

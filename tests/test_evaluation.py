@@ -13,11 +13,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from prune_ext.evaluation import editing_metrics as em
 from prune_ext.evaluation import generation as gen
+from prune_ext.evaluation import intervals as iv
+from prune_ext.evaluation import registry as reg
 from prune_ext.evaluation import tasks as T
 
 DATA_DIR = T.resolve_data_dir()
@@ -158,6 +161,130 @@ def test_prompts_are_the_papers_verbatim():
     assert T.samsum_prompt("A: hi\r\nB: hello") == "A: hi\nB: hello TL;DR:"
 
 
+# --- intervals ----------------------------------------------------------------------------------
+
+
+def test_wilson_against_the_formula_and_textbook_values():
+    z = 1.959963984540054
+    for k, n in [(8, 10), (1, 3), (37, 40), (0, 5), (5, 5)]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        lo, hi = iv.wilson(k, n)
+        assert math.isclose(lo, max(0.0, centre - half), abs_tol=1e-12)
+        assert math.isclose(hi, min(1.0, centre + half), abs_tol=1e-12)
+        assert lo <= p <= hi
+    assert iv.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook 8/10
+    assert iv.wilson(0, 5)[0] == 0.0 and iv.wilson(5, 5)[1] == 1.0  # exact ends
+    assert all(math.isnan(v) for v in iv.wilson(0, 0))
+
+
+def test_bootstrap_by_hand():
+    # Two values a < b: a resampled mean is a (p = 1/4), (a+b)/2 (1/2) or b (1/4), so the 2.5 and
+    # 97.5 percentiles of 1000 resamples are a and b themselves.
+    assert iv.bootstrap_mean([0.2, 0.6]) == (0.2, 0.6)
+    assert iv.bootstrap_mean([0.3] * 7) == (0.3, 0.3)
+    # The documented recipe, replayed: default_rng(seed).integers(0, n, (resamples, n)), percentiles.
+    x = np.array([0.1, 0.25, 0.5, 0.8, 0.9, 0.35])
+    idx = np.random.default_rng(3).integers(0, x.size, size=(500, x.size))
+    want = tuple(np.percentile(x[idx].mean(axis=1), [2.5, 97.5]))
+    assert iv.bootstrap_mean(x, resamples=500, seed=3) == pytest.approx(want, abs=0)
+    assert iv.bootstrap_mean(x, seed=1) == iv.bootstrap_mean(x, seed=1) != iv.bootstrap_mean(x, seed=2)
+    # Large n: close to the normal approximation mean ± 1.96 s / sqrt(n).
+    y = np.random.default_rng(0).uniform(size=2000)
+    lo, hi = iv.bootstrap_mean(y)
+    half = 1.96 * y.std(ddof=1) / math.sqrt(y.size)
+    assert lo < y.mean() < hi and math.isclose((hi - lo) / 2, half, rel_tol=0.1)
+    assert abs((lo + hi) / 2 - y.mean()) < 0.2 * half
+    with pytest.raises(ValueError, match="resamples"):
+        iv.bootstrap_mean(y, resamples=0)
+
+
+def test_mean_interval_picks_wilson_for_proportions_and_narrows_with_n():
+    assert iv.mean_interval([1, 0, 1, 1]) == iv.wilson(3, 4)
+    assert iv.mean_interval([1.0, 0.5, 0.0]) == iv.bootstrap_mean([1.0, 0.5, 0.0])
+    assert all(math.isnan(v) for v in iv.mean_interval([]))
+    widths = []
+    for n in (10, 100, 1000):
+        for values in ([1.0] * (8 * n // 10) + [0.0] * (2 * n // 10), [0.2, 0.5, 0.7, 0.9, 0.4] * (n // 5)):
+            lo, hi = iv.mean_interval(values)
+            assert lo <= sum(values) / len(values) <= hi
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2] > 0
+    # n ten times larger: width about sqrt(10) times smaller
+    assert 2.5 < widths[1] / widths[2] < 3.8
+
+
+def test_perplexity_interval_by_hand():
+    # Two passages: a resample is {1,1}, {1,2} or {2,2}; the percentiles are the two passages' own
+    # perplexities exp(-s_i / c_i), and the pooled value lies between them.
+    s, c = [-20.0, -90.0], [10, 30]
+    lo, hi = iv.perplexity_interval(s, c)
+    assert (lo, hi) == pytest.approx((math.exp(2.0), math.exp(3.0)), rel=1e-12)
+    pooled = math.exp(110 / 40)
+    assert lo < pooled < hi
+    rng = np.random.default_rng(1)
+    counts = rng.integers(5, 60, size=40)
+    sums = -counts * rng.uniform(2.5, 4.5, size=40)
+    lo, hi = iv.perplexity_interval(sums, counts)
+    assert lo < math.exp(-sums.sum() / counts.sum()) < hi
+    with pytest.raises(ValueError, match="token counts"):
+        iv.perplexity_interval([1.0], [1, 2])
+
+
+def test_merge_results_keeps_every_metrics_interval():
+    edits = {"efficacy": 0.9, "n": {"efficacy": 10}, "intervals": {"efficacy": [0.6, 0.98]}}
+    tasks = {"rte": 0.5, "n": {"rte": 40}, "intervals": {"rte": [0.35, 0.65]}}
+    merged = iv.merge_results(edits, tasks)
+    assert merged == {"efficacy": 0.9, "rte": 0.5, "n": {"efficacy": 10, "rte": 40},
+                      "intervals": {"efficacy": [0.6, 0.98], "rte": [0.35, 0.65]}}
+    assert edits["n"] == {"efficacy": 10}  # the inputs are left alone
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def test_registry_names_and_errors():
+    assert T.TASKS == ("gsm8k", "rte", "nq", "samsum", "perplexity") == tuple(reg.REGISTRY)
+    assert T.DEFAULT_TASKS == ("gsm8k", "rte", "nq", "samsum")
+    assert T.PROMPTS["rte"] == "{SENTENCE1} entails the {SENTENCE2}. True or False? answer:"
+    assert T._check_task is T.check_task and reg.get_task("nq").file == "nq-open.jsonl"
+    with pytest.raises(ValueError, match=r"unknown task 'mmlu'; expected one of gsm8k, rte, nq, samsum, perplexity"):
+        reg.get_task("mmlu")
+    with pytest.raises(ValueError, match="unknown task 'RTE'"):
+        T.task_file("RTE")
+    with pytest.raises(ValueError, match="bad task name 'My Task'"):
+        reg.Task(name="My Task", file="x.jsonl", load=list, run=lambda *a: [])
+    with pytest.raises(ValueError, match=r"needs either run= or all of prompt=, score= and max_new_tokens\['echo'\]"):
+        reg.Task(name="echo", file="x.jsonl", load=list, prompt=str)
+    with pytest.raises(ValueError, match="kind must be"):
+        reg.Task(name="echo", file="x.jsonl", load=list, run=lambda *a: [], kind="median")
+    with pytest.raises(ValueError, match="'rte' is already registered"):
+        reg.register(reg.Task(name="rte", file="other.tsv", load=list, run=lambda *a: []))
+
+
+def test_a_registered_task_runs_through_the_plain_recipe(tmp_path, tok, monkeypatch):
+    from prune_ext.io import read_jsonl
+
+    (tmp_path / "echo.jsonl").write_text('{"word": "cat"}\n{"word": "dog"}\n{"word": "owl"}\n')
+    echo = reg.Task(
+        name="echo",
+        file="echo.jsonl",
+        load=read_jsonl,
+        template="Say {WORD}:",
+        prompt=lambda r: f"Say {r['word']}:",
+        score=lambda r, text: {"prediction": text, "value": float(text.strip() == r["word"])},
+        max_new_tokens={"echo": 3},
+        default=False,
+    )
+    monkeypatch.setitem(reg.REGISTRY, "echo", echo)
+    model = ScriptedLM(tok, {"Say cat:": " cat", "Say dog:": " dog", "Say owl:": " hoot"})
+    res = T.evaluate_tasks(model, tok, tasks="echo", data_dir=tmp_path, limit=None,
+                           progress=False)
+    assert res["echo"] == pytest.approx(2 / 3) and res["n"] == {"echo": 3}
+    assert res["intervals"]["echo"] == list(iv.wilson(2, 3))
+
+
 # --- loaders ------------------------------------------------------------------------------------
 
 
@@ -212,11 +339,18 @@ def test_malformed_data(tmp_path):
     (tmp_path / "gsm8k-test.jsonl").write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(ValueError, match=r"gsm8k-test.jsonl: record 1: .*####"):
         T.load_task("gsm8k", tmp_path)
-    (tmp_path / "nq-open.jsonl").write_text('{"question": "q", "answer": ["a"], "output": ["p"]}\n{oops\n')
-    with pytest.raises(ValueError, match=r"nq-open.jsonl:2: malformed JSON"):
+    good = '{"question": "q", "answer": ["a"], "output": ["p"]}\n'
+    (tmp_path / "nq-open.jsonl").write_text(good + "{oops\n" + good)
+    with pytest.raises(ValueError, match=r"nq-open.jsonl, line 2: not valid JSON"):
         T.load_task("nq", tmp_path)
+    (tmp_path / "nq-open.jsonl").write_text(good + '{"question": "cut sh')  # a torn last line (prune_ext.io)
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert len(T.load_task("nq", tmp_path)) == 1
     (tmp_path / "samsum-test.json").write_text('[{"dialogue": "d"}]')
     with pytest.raises(ValueError, match="lacks summary"):
+        T.load_task("samsum", tmp_path)
+    (tmp_path / "samsum-test.json").write_text('[{"dialogue": "d",')
+    with pytest.raises(ValueError, match="samsum-test.json: not valid JSON"):
         T.load_task("samsum", tmp_path)
 
 
@@ -367,6 +501,47 @@ def test_counterfact_style_per_edit_mix_and_nan(tok):
     assert r["efficacy"] == 1.0 and math.isnan(r["generalization"]) and math.isnan(r["locality"])
 
 
+def test_edit_metrics_carry_n_and_wilson_intervals(tok):
+    s = _script(REQS[:1], new=True) | _script(REQS[1:], new=False)
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "counterfact", progress=False)
+    assert r["efficacy"] == 0.5 and r["n"] == {"efficacy": 2, "generalization": 2, "locality": 2}
+    assert r["intervals"]["efficacy"] == list(iv.wilson(1, 2))
+    assert r["intervals"]["locality"] == [pytest.approx(1 / (1 + 1.959963984540054**2 / 2)), 1.0]
+    assert "live_efficacy" not in r  # live decoding is opt-in
+
+
+def test_live_efficacy_is_what_the_model_says(tok, monkeypatch):
+    # Edit 1 is said outright. Edit 2's model says " New York State": teacher-forced it prefers
+    # "New York City" over "French" (two of three tokens at logit 10), but it never says it.
+    s = _script(REQS, new=True)
+    s["Danielle Darrieux is a native speaker of"] = " New York State"
+    s["The mother tongue of Danielle Darrieux is"] = "\n New York City"  # one token of slack
+    s["Danielle Darrieux speaks"] = " the language of New York City"  # too late, and not a prefix
+    calls = []
+    real = em.generate_greedy
+
+    def spy(model, tokenizer, prompts, *, max_new_tokens, **kw):
+        calls.append((max_new_tokens, sorted(prompts)))
+        return real(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kw)
+
+    monkeypatch.setattr(em, "generate_greedy", spy)
+    r = em.evaluate_edits(ScriptedLM(tok, s), tok, REQS, "counterfact", progress=False, live=True, per_edit=True)
+    assert r["efficacy"] == 1.0 and r["live_efficacy"] == 0.5
+    assert [e["live_efficacy"] for e in r["per_edit"]] == [1.0, 0.0]
+    assert [e["live_generalization"] for e in r["per_edit"]] == [1.0, 0.5]
+    assert r["live_generalization"] == 0.75 and r["n"]["live_generalization"] == 2
+    assert r["intervals"]["live_efficacy"] == list(iv.wilson(1, 2))
+    assert r["intervals"]["live_generalization"] == [0.5, 1.0]  # bootstrap of {1.0, 0.5}: by hand
+    # one batched generation per target length, each as long as the target plus one token
+    assert len(em._target_ids(tok, "Paris")) == 1 and len(em._target_ids(tok, "New York City")) == 3
+    assert calls == [
+        (2, sorted(["The capital of Japan is", "Japan's capital city is"])),
+        (4, sorted(["Danielle Darrieux is a native speaker of", "The mother tongue of Danielle Darrieux is",
+                    "Danielle Darrieux speaks"])),
+    ]
+    assert em.live_success("  Paris, France", "Paris ") and not em.live_success("The Paris", "Paris")
+
+
 def test_zsre_style_token_accuracy(tok):
     target = em._target_ids(tok, "New York City")
     assert len(target) == 3
@@ -461,11 +636,18 @@ def test_random_tiny_model_edit_metrics(tiny_gpt2, tok):
     assert tiny_gpt2.training  # the mode is restored
     tiny_gpt2.eval()
     r2 = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", batch_size=3, progress=False)
-    assert r1 == r2 and all(0.0 <= v <= 1.0 for v in r1.values())
+    metrics = ("efficacy", "generalization", "locality")
+    assert r1 == r2 and all(0.0 <= r1[m] <= 1.0 for m in metrics)
+    assert r1["n"] == dict.fromkeys(metrics, len(reqs))
+    assert all(lo <= r1[m] <= hi for m, (lo, hi) in r1["intervals"].items())
     base = em.locality_baseline(tiny_gpt2, tok, reqs)
     z = em.evaluate_edits(tiny_gpt2, tok, reqs, "zsre", baseline=base, progress=False)
     assert z["locality"] == 1.0  # nothing was edited
-    assert all(0.0 <= v <= 1.0 for v in z.values())
+    assert all(0.0 <= z[m] <= 1.0 for m in metrics)
+    # live decoding through Hugging Face's generate: the random model says none of the targets
+    live = em.evaluate_edits(tiny_gpt2, tok, reqs, "counterfact", progress=False, live=True)
+    assert {k: live[k] for k in metrics} == {k: r1[k] for k in metrics}
+    assert 0.0 <= live["live_efficacy"] <= 1.0 and live["n"]["live_efficacy"] == len(reqs)
 
 
 @needs_data
@@ -484,6 +666,13 @@ def test_random_tiny_model_tasks_on_real_data(tiny_gpt2, tok):
     assert r1 == r2
     assert all(0.0 <= r1[t] <= 1.0 for t in T.DEFAULT_TASKS)
     assert 1.0 < r1["perplexity"] < math.inf
+    assert r1["n"] == dict.fromkeys(T.TASKS, 3)
+    assert all(lo <= r1[t] <= hi for t, (lo, hi) in r1["intervals"].items())
+    assert r1["perplexity_source"] == "RTE premises (sentence1 of rte.tsv)"
+    # held out from the reproduction's key-statistics corpus: no premise is in it, so nothing changes
+    held = T.evaluate_tasks(tiny_gpt2, tok, tasks=("perplexity",), held_out_from=DATA_DIR / "tasks" / "nq-open.jsonl",
+                            **kw)
+    assert held["perplexity"] == r1["perplexity"] and "nq-open.jsonl (0 dropped)" in held["perplexity_source"]
 
 
 # --- tasks with a scripted model on hand-made files ---------------------------------------------
@@ -556,13 +745,21 @@ def test_tasks_scripted_right_and_wrong(task_dir, tok):
     assert {o["prediction"] for o in res.outputs} == {"7", "2400"}
     assert all(o["hint"].startswith("Some reasoning") and "Q:" not in o["hint"] for o in res.outputs)
     scores = T.evaluate_tasks(right, tok, data_dir=root, limit=None, progress=False)
-    assert scores == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
+    assert {t: scores[t] for t in T.DEFAULT_TASKS} == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
+    assert set(scores) == {*T.DEFAULT_TASKS, "n", "intervals"}
+    assert scores["n"] == {"gsm8k": 2, "rte": 3, "nq": 2, "samsum": 2}
+    # all right: Wilson's lower bound for k = n is 1 / (1 + z²/n), the upper bound 1
+    z2 = 1.959963984540054**2
+    for t in T.DEFAULT_TASKS:  # (ROUGE of exactly 1.0 everywhere is all 0/1 values too: Wilson)
+        lo, hi = scores["intervals"][t]
+        assert math.isclose(lo, 1 / (1 + z2 / scores["n"][t]), rel_tol=1e-12) and hi == 1.0
     nq_out = T.evaluate_task(right, tok, "nq", data_dir=root, limit=None, progress=False).outputs
     assert sorted(o["prediction"] for o in nq_out) == ["France", "Shakespeare"]
 
     wrong = ScriptedLM(tok, _task_script(gsm, nq, sam, right=False))
     scores = T.evaluate_tasks(wrong, tok, data_dir=root, limit=None, progress=False)
-    assert scores == {"gsm8k": 0.0, "rte": 0.0, "nq": 0.0, "samsum": 0.0}
+    assert {t: scores[t] for t in T.DEFAULT_TASKS} == {"gsm8k": 0.0, "rte": 0.0, "nq": 0.0, "samsum": 0.0}
+    assert scores["intervals"]["rte"] == [0.0, pytest.approx(1 - 1 / (1 + z2 / 3))]
 
     # Single-stage GSM8K (empty HINT) is one generation per question.
     single = {T.gsm8k_prompt(r["question"]): " " + T.gsm8k_gold(r["answer"]) for r in gsm}
@@ -578,6 +775,33 @@ def test_tasks_scripted_right_and_wrong(task_dir, tok):
     assert res.score == 1.0
     with pytest.raises(ValueError, match="unknown max_new_tokens key"):
         T.evaluate_tasks(right, tok, data_dir=root, max_new_tokens={"gsm8k_reasoning": 3})
+
+
+def test_perplexity_task_interval_and_held_out_texts(task_dir, tok):
+    root = task_dir[0]
+    model = ScriptedLM(tok, {})  # uniform: every token costs log V, so each passage's ppl is V
+    res = T.evaluate_task(model, tok, "perplexity", data_dir=root, limit=None, progress=False)
+    assert res.n == 3 and {o["text"] for o in res.outputs} == {"A cat sat on the mat.", "The sun is hot.",
+                                                               "Bob won the race."}
+    assert math.isclose(res.score, len(tok), rel_tol=1e-4)
+    assert res.interval == pytest.approx((len(tok), len(tok)), rel=1e-4)
+    assert res.source == "RTE premises (sentence1 of rte.tsv)"
+    # A statistics corpus that holds one premise (inside a longer document, other spacing): dropped.
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "Yesterday.  The sun   is hot. Indeed."}) + "\n")
+    assert [r["text"] for r in T.load_task("perplexity", root, held_out_from=corpus)] == \
+        [r["text"] for r in T.load_task("perplexity", root) if r["text"] != "The sun is hot."]
+    scores = T.evaluate_tasks(model, tok, ["perplexity"], data_dir=root, held_out_from=corpus, progress=False)
+    assert scores["n"] == {"perplexity": 2}
+    assert scores["perplexity_source"] == (
+        "RTE premises (sentence1 of rte.tsv); held out from the statistics corpus corpus.jsonl (1 dropped)"
+    )
+    # other tasks are not filtered by the statistics corpus
+    assert len(T.load_task("rte", root, held_out_from=corpus)) == 3
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A cat sat on the mat.", "The sun is hot.",
+                                                                        "Bob won the race.")))
+    with pytest.raises(ValueError, match="every perplexity text occurs in the key-statistics corpus"):
+        T.load_task("perplexity", root, held_out_from=corpus)
 
 
 def test_perplexity_of_a_sure_model(tok):

@@ -15,7 +15,7 @@ from tiny_models import gpt2_tokenizer, tiny_model
 
 from prune_ext import reference
 from prune_ext.editing import EditRequest
-from prune_ext.session import EditingSession, MatrixLedger
+from prune_ext.session import HELD_EDITED, HELD_RESTRAINED, EditingSession, MatrixLedger, weight_digest
 from prune_ext.updates import LowRankUpdate
 
 HERE = Path(__file__).resolve().parent
@@ -122,14 +122,27 @@ def test_diagnostics_are_exact(tok, cache):
         session.edit(req)
     (name, d), = session.diagnostics().items()
     ledger = session.ledgers[name]
-    s = torch.linalg.svdvals(model.get_submodule(name).weight.double())
-    assert d.exact and d.sigma_max == pytest.approx(s[0].item(), rel=1e-6)
-    assert d.sigma_min == pytest.approx(s[-1].item(), rel=1e-5)
-    assert d.condition_number == pytest.approx((s[0] / s[-1]).item(), rel=1e-5)
+    held = model.get_submodule(name).weight.detach()
+    s = torch.linalg.svdvals(held.double())
+    assert d.exact and d.held == HELD_EDITED and d.dtype == "float32"
+    assert d.sigma_max == pytest.approx(s[0].item(), rel=1e-9)
+    assert d.sigma_min == pytest.approx(s[-1].item(), rel=1e-9)
+    assert d.condition_number == pytest.approx((s[0] / s[-1]).item(), rel=1e-9)
     assert d.delta_rank == 4 and d.threshold == ledger.sigma_w
+    delta = held.double() - ledger.original.double()
+    assert d.delta_fro == pytest.approx(delta.norm().item(), rel=1e-9)
+    assert d.sha256 == weight_digest(held)
+    # the restrained view: diagnostics then describe W + F(ΔW), the matrix the model holds
     # (on a tiny random model σ_W ln α < 1, where the paper's log F raises σ instead of shrinking it)
+    session.hold(restrained=True)
+    (_, r), = session.diagnostics().items()
     restrained = ledger.original.double() + reference.restrain(ledger.delta(), ledger.sigma_w, 1.2)
-    assert d.sigma_max_restrained == pytest.approx(torch.linalg.svdvals(restrained)[0].item(), rel=1e-5)
+    assert r.held == HELD_RESTRAINED
+    assert r.sigma_max == pytest.approx(torch.linalg.svdvals(restrained)[0].item(), rel=1e-5)
+    assert r.sigma_max == pytest.approx(
+        torch.linalg.svdvals(model.get_submodule(name).weight.double())[0].item(), rel=1e-12)
+    session.hold(restrained=False)
+    assert torch.equal(model.get_submodule(name).weight, held)
 
 
 def test_bfloat16_model_keeps_float32_books(tok, cache):
@@ -200,17 +213,20 @@ def test_killed_run_resumes_to_the_same_weights(tok, cache, tmp_path):
 
 
 class _BatchEditor:
-    """A stand-in batch editor (like MEMIT): one rank-len(batch) update of a linear layer per call."""
+    """A stand-in batch editor (like MEMIT): one rank-len(batch) update of a linear layer per step."""
+
+    name = "batch"
+    batched = True
 
     def __init__(self, model: torch.nn.Linear) -> None:
         self.model, self.g = model, torch.Generator().manual_seed(0)
 
-    def edit(self, batch):
+    def edited_modules(self):
+        return ["0"]
+
+    def compute(self, batch):
         r = len(batch)
-        update = LowRankUpdate("0", 3 * torch.randn(20, r, generator=self.g), torch.randn(30, r, generator=self.g))
-        with torch.no_grad():
-            self.model[0].weight += update.dense()
-        return [update]
+        return [LowRankUpdate("0", 3 * torch.randn(20, r, generator=self.g), torch.randn(30, r, generator=self.g))]
 
 
 @pytest.mark.parametrize(("n", "batch", "every", "expected"), [
@@ -221,7 +237,6 @@ class _BatchEditor:
 def test_every_counts_edits_not_batches(n, batch, every, expected):
     model = torch.nn.Sequential(torch.nn.Linear(30, 20))
     session = EditingSession(model, None, _BatchEditor(model), restrain="log", every=every, progress=False)
-    session.method = "memit"  # batches of requests per step
     session.run(list(range(n)), batch_size=batch)
     assert [r["edits"] for r in session.restraints] == expected
     assert sum(r["restrained"]["0"] for r in session.restraints) > 0, "updates too small to test"

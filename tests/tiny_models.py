@@ -43,3 +43,15 @@ def tiny_model(arch: str, tokenizer: Any, seed: int = 0, dtype: torch.dtype = to
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, 0.3)
     return model.to(dtype).eval()
+
+
+def tiny_model_folder(folder: Path, arch: str = "gpt2") -> Path:
+    """A tiny model saved as a Hugging Face folder (model, tokenizer) with a small ``corpus.txt`` for
+    key statistics: what ``prune-ext run --model FOLDER`` loads in the end-to-end tests."""
+    torch.set_num_threads(1)
+    tok = gpt2_tokenizer()
+    tiny_model(arch, tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "corpus.txt").write_text(
+        "\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(400)))
+    return folder

@@ -1,4 +1,4 @@
-"""Model editors for Hugging Face causal LMs: ROME and MEMIT, returning low-rank updates.
+"""Model editors for Hugging Face causal LMs: ROME, MEMIT, AlphaEdit and MEND, returning low-rank updates.
 
 Quick use::
 
@@ -7,13 +7,17 @@ Quick use::
     updates = apply_edits(model, tok, load_counterfact(limit=10), method="rome")
 
 ``updates`` are :class:`prune_ext.updates.LowRankUpdate` objects (ΔW = left @ right.T in the
-stored layout of ``module``'s weight), already applied to the model.
+stored layout of ``module``'s weight), already applied to the model by ``apply_edits``. Editors
+themselves (``Editor.compute``) never write the model: the editing session is the one writer.
 """
 
-from .api import apply_edits, make_editor
+from .alphaedit import AlphaEdit
+from .api import EDITORS, apply_edits, make_editor, register_editor
+from .base import Editor
 from .covariance import KeyStatistics, default_cache_dir, key_statistics
-from .hparams import MemitHyperParams, RomeHyperParams, ValueHyperParams
+from .hparams import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, ValueHyperParams
 from .memit import Memit
+from .mend import Mend, MendHyperParams
 from .models import ArchSpec, apply_update, arch_spec, load_model
 from .requests import (
     EditRequest,
@@ -27,11 +31,17 @@ from .requests import (
 from .rome import Rome
 
 __all__ = [
+    "EDITORS",
+    "AlphaEdit",
+    "AlphaEditHyperParams",
     "ArchSpec",
+    "Editor",
     "EditRequest",
     "KeyStatistics",
     "Memit",
     "MemitHyperParams",
+    "Mend",
+    "MendHyperParams",
     "Rome",
     "RomeHyperParams",
     "ValueHyperParams",
@@ -48,4 +58,5 @@ __all__ = [
     "load_requests",
     "load_zsre",
     "make_editor",
+    "register_editor",
 ]

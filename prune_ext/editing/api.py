@@ -1,58 +1,82 @@
-"""``apply_edits``: the one-call entry point over :class:`Rome` and :class:`Memit`."""
+"""The one registry of editors, and ``apply_edits``: the sessionless one-call entry point."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from prune_ext.updates import LowRankUpdate
 
-from .hparams import MemitHyperParams, RomeHyperParams
+from .alphaedit import AlphaEdit
+from .base import Editor
 from .memit import Memit
-from .requests import EditRequest, as_requests
+from .mend import Mend
+from .models import apply_update
+from .requests import EditRequest
 from .rome import Rome
 
-__all__ = ["apply_edits", "make_editor"]
+__all__ = ["EDITORS", "apply_edits", "make_editor", "register_editor"]
 
 Request = EditRequest | Mapping[str, Any]
-HParams = RomeHyperParams | MemitHyperParams | Mapping[str, Any] | None
+
+EDITORS: dict[str, type[Editor]] = {}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Make ``cls`` available as ``method=cls.name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    EDITORS[cls.name] = cls
+    return cls
+
+
+for _cls in (Rome, Memit, AlphaEdit, Mend):
+    register_editor(_cls)
 
 
 def make_editor(
     model: nn.Module,
     tokenizer: Any,
-    method: Literal["rome", "memit"] = "rome",
-    hparams: HParams = None,
+    method: str = "rome",
+    hparams: Any = None,
     *,
     cov_cache_dir: str | os.PathLike[str] | None = None,
     corpus: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> Rome | Memit:
-    """A :class:`Rome` or :class:`Memit` editor; ``hparams`` may be a dict of overrides of the
-    model's defaults."""
-    classes = {"rome": (Rome, RomeHyperParams), "memit": (Memit, MemitHyperParams)}
-    if method not in classes:
-        raise ValueError(f"method must be 'rome' or 'memit', got {method!r}")
-    editor_cls, hp_cls = classes[method]
+) -> Editor:
+    """The editor registered as ``method``; ``hparams`` is its hyper-parameter object, a dict of
+    overrides of the model's defaults, or the path of a JSON/YAML file of them (an EasyEdit
+    ROME/MEMIT/AlphaEdit file is recognised by its ``alg_name``: :mod:`prune_ext.editing.easyedit`)."""
+    if isinstance(hparams, (str, os.PathLike)):
+        from .hparams import read_hparams_file
+
+        hparams = read_hparams_file(hparams, method, model=model)
+    if method not in EDITORS:
+        raise ValueError(f"method must be one of {', '.join(sorted(EDITORS))}, got {method!r}")
+    cls = EDITORS[method]
+    hp_cls = cls.hparams_class
     if hparams is None or isinstance(hparams, Mapping):
-        hp = hp_cls.for_model(model, **dict(hparams or {}))
-    elif isinstance(hparams, hp_cls):
+        try:
+            hp = hp_cls.for_model(model, **dict(hparams or {}))
+        except TypeError as exc:  # an unknown field: name it
+            raise ValueError(f"bad hparams for {method}: {exc}") from None
+    elif type(hparams) is hp_cls:
         hp = hparams
     else:
         raise TypeError(f"method {method!r} needs {hp_cls.__name__}, got {type(hparams).__name__}")
-    return editor_cls(model, tokenizer, hp, corpus=corpus, cache_dir=cov_cache_dir, progress=progress)
+    return cls(model, tokenizer, hp, corpus=corpus, cache_dir=cov_cache_dir, progress=progress)
 
 
 def apply_edits(
     model: nn.Module,
     tokenizer: Any,
     requests: Iterable[Request] | Request,
-    method: Literal["rome", "memit"] = "rome",
-    hparams: HParams = None,
+    method: str = "rome",
+    hparams: Any = None,
     *,
     cov_cache_dir: str | os.PathLike[str] | None = None,
     corpus: str | os.PathLike[str] | None = None,
@@ -61,25 +85,23 @@ def apply_edits(
 ) -> list[LowRankUpdate]:
     """Edit ``model`` in place and return the updates as low-rank factors, in order.
 
-    ROME applies one rank-one update per request, sequentially (each request sees the earlier
-    edits). MEMIT edits batches of ``batch_size`` requests (default: all at once), one update of
-    rank ≤ batch size per edited layer and batch. Requests are :class:`EditRequest` objects or
-    dicts with ``prompt`` (containing the subject or ``"{}"``), ``subject`` and ``target_new``.
-    Key statistics come from ``corpus`` (default: text sampled from the model), cached in
-    ``cov_cache_dir`` (default ``$PRUNE_EXT_CACHE`` or ``~/.cache/prune_ext``).
+    The editor computes each step's updates and this function applies them, step by step (each
+    step sees the earlier ones). ROME: one rank-one update per request. MEMIT and AlphaEdit:
+    batches of ``batch_size`` requests (default: all at once), one update of rank ≤ batch size per
+    edited layer and batch. Requests are :class:`EditRequest` objects or dicts with ``prompt``
+    (containing the subject or ``"{}"``), ``subject`` and ``target_new``. Key statistics come from
+    ``corpus`` (default: text sampled from the model), cached in ``cov_cache_dir`` (default
+    ``$PRUNE_EXT_CACHE`` or ``~/.cache/prune_ext``). No PRUNE here: for that, and for sequential
+    runs with records, use :class:`prune_ext.session.EditingSession`.
     """
-    reqs = as_requests(requests)
     editor = make_editor(
         model, tokenizer, method, hparams, cov_cache_dir=cov_cache_dir, corpus=corpus, progress=progress
     )
-    if isinstance(editor, Rome):
-        groups = [[r] for r in reqs]
-    else:
-        size = batch_size or max(1, len(reqs))
-        groups = [reqs[i : i + size] for i in range(0, len(reqs), size)]
     updates: list[LowRankUpdate] = []
-    for group in tqdm(
-        groups, desc=f"{method} edits", unit="batch" if method == "memit" else "edit", disable=not progress
-    ):
-        updates.extend(editor.edit(group[0]) if isinstance(editor, Rome) else editor.edit(group))
+    steps = editor.steps(requests, batch_size)
+    for step in tqdm(steps, desc=f"{method} edits", unit="batch" if editor.batched else "edit",
+                     disable=not progress):
+        for update in editor.compute(step):
+            apply_update(model, update)
+            updates.append(update)
     return updates

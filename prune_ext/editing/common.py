@@ -10,6 +10,12 @@ module at the subject's last token, and Adam minimises
 with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step, where v₀ is the unedited output
 on the bare prompt. Several requests are optimised together (each with its own δ and its own Adam
 state, so the result equals optimising them one by one) to share forward passes.
+
+A request stops when its loss falls below ``loss_stop`` and, with ``mpes`` (ENCORE's most-probable
+early stopping), as soon as its new target is the argmax next token at every target position
+(teacher-forced) in every context prefix, counted ``mpes_patience`` times. The rows of the
+requests that go on are then picked out of the running batch (and of its key/value cache), so a
+shrinking active set costs no new prefix pass.
 """
 
 from __future__ import annotations
@@ -88,31 +94,42 @@ def subject_vectors(
     prefixes: Sequence[str],
     *,
     output: bool = False,
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """(n, d) float32: the module's input (or output) at each subject's last token, averaged
-    over ``prefix + prompt`` for all prefixes."""
+    over ``prefix + prompt`` for all prefixes — uniformly (ROME's ``compute_u``), or, with
+    ``groups`` (sizes of consecutive prefix groups summing to ``len(prefixes)``), within each group
+    and then across groups (MEMIT's ``compute_ks``: with one group of prefixes the bare prompt
+    weighs 1/2)."""
+    if groups is not None and sum(groups) != len(prefixes):
+        raise ValueError(f"prefix groups {list(groups)} do not add up to {len(prefixes)} prefixes")
     module = get_module(model, module_name)
     pad = pad_id(tokenizer)
+    if groups is None:
+        per_prefix = [1.0 / len(prefixes)] * len(prefixes)
+    else:  # 1 / (group size · number of groups) for each prefix of a group
+        per_prefix = [1.0 / (size * len(groups)) for size in groups for _ in range(size)]
     rows = []
     for r, request in enumerate(requests):
-        for prefix in prefixes:
+        for prefix, weight in zip(prefixes, per_prefix):
             enc = encode_with_span(tokenizer, *_with_prefix(request, prefix))
-            rows.append((r, enc))
+            rows.append((r, enc, weight))
     sums: torch.Tensor | None = None
     with editing_mode(model):
         for lo in range(0, len(rows), _ROWS_PER_FORWARD):
             chunk = rows[lo : lo + _ROWS_PER_FORWARD]
-            input_ids, mask = pad_right([enc.ids for _, enc in chunk], pad, _device(model))
+            input_ids, mask = pad_right([enc.ids for _, enc, _ in chunk], pad, _device(model))
             got: list[torch.Tensor] = []
             with capture(module, got.append, output=output), stop_after(module):
                 model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            picked = got[0][torch.arange(len(chunk)), torch.tensor([enc.span_last for _, enc in chunk])]
-            owner = torch.tensor([r for r, _ in chunk], device=picked.device)
+            picked = got[0][torch.arange(len(chunk)), torch.tensor([enc.span_last for _, enc, _ in chunk])]
+            owner = torch.tensor([r for r, _, _ in chunk], device=picked.device)
+            weights = torch.tensor([w for _, _, w in chunk], dtype=torch.float64, device=picked.device)
             if sums is None:
-                sums = torch.zeros(len(requests), picked.shape[-1], dtype=torch.float32, device=picked.device)
-            sums.index_add_(0, owner, picked.to(torch.float32))
+                sums = torch.zeros(len(requests), picked.shape[-1], dtype=torch.float64, device=picked.device)
+            sums.index_add_(0, owner, picked.to(torch.float64) * weights[:, None])
     assert sums is not None
-    return sums / len(prefixes)
+    return sums.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +196,12 @@ class _Batch:
     forward pass.
     """
 
-    def __init__(self, problems: Sequence[_Problem], pad: int, device: torch.device) -> None:
+    def __init__(self, problems: Sequence[_Problem], pad: int, device: torch.device, split: int | None = None) -> None:
         seqs, lookup, owner, tgt_rows, tgt_pos, tgt_ids, tgt_owner, kl_rows, bare = ([] for _ in range(9))
+        self.row_ranges: list[range] = []
         for j, prob in enumerate(problems):
             base = len(seqs)
+            self.row_ranges.append(range(base, base + len(prob.seqs)))
             bare.append(base)  # prefixes[0] == "": the bare prompt
             seqs.extend(prob.seqs)
             lookup.extend(prob.lookup)
@@ -194,7 +213,9 @@ class _Batch:
                     tgt_ids.append(tok)
                     tgt_owner.append(j)
             kl_rows.append(base + prob.n_rewrite)
-        split = max(lookup)
+        split = max(lookup) if split is None else split  # a subset keeps its parent's split
+        if split < max(lookup):
+            raise ValueError(f"split {split} is left of a subject ({max(lookup)})")
         width = max(len(s) - at for s, at in zip(seqs, lookup))
         self.prefix_ids = torch.full((len(seqs), split), pad, dtype=torch.long)
         self.suffix_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -228,6 +249,16 @@ class _Batch:
         self.bare_rows = t(bare)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def subset(self, keep: Sequence[int], problems: Sequence[_Problem], pad: int) -> _Batch:
+        """The batch of ``problems[keep]`` (``problems`` are this batch's), reusing this batch's
+        prefix cache rows: the same split, so the same left-padded prefixes and positions."""
+        device = self.prefix_ids.device
+        child = _Batch([problems[j] for j in keep], pad, device, split=self.split)
+        if self.cache is not None:
+            rows = torch.tensor([r for j in keep for r in self.row_ranges[j]], dtype=torch.long, device=device)
+            child.cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cache]
+        return child
+
     @torch.no_grad()
     def run_prefix(self, model: nn.Module) -> None:
         """Run the part before every subject once and keep its keys and values."""
@@ -252,9 +283,10 @@ def _forward(
     seen: list[torch.Tensor] = []
 
     def make_delta(out: torch.Tensor) -> torch.Tensor:
-        seen.append(out[:, 0].detach())
+        seen.append(out[:, 0].detach().to(deltas.device))  # the module may sit on another device
         add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        return add.index_put((batch.rows, torch.zeros_like(batch.rows)), deltas[batch.owner])
+        rows = batch.rows.to(out.device)
+        return add.index_put((rows, torch.zeros_like(rows)), deltas[batch.owner].to(out.device))
 
     # a fresh cache each step: a forward pass appends to the cache it is given
     kwargs = {"cache": DynamicCache(batch.cache, config=model.config), "use_cache": True} if batch.cache else {}
@@ -270,14 +302,17 @@ def _forward(
 
 def _target_nll_and_kl_logp(
     model: nn.Module, batch: _Batch, hidden: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per problem: mean NLL of the target tokens over its rewriting rows, and the
-    log-distribution after the subject in its KL row."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per problem: mean NLL of the target tokens over its rewriting rows, the log-distribution
+    after the subject in its KL row, and whether every target token is the argmax (MPES)."""
     log_probs = _logits(model, hidden[batch.tgt_rows, batch.tgt_pos]).log_softmax(-1)
     picked = log_probs.gather(1, batch.tgt_ids[:, None]).squeeze(1)
     summed = torch.zeros(n, device=hidden.device).index_add(0, batch.tgt_owner, picked)
     kl_logp = _logits(model, hidden[batch.kl_rows, 0]).log_softmax(-1)
-    return -summed / batch.nll_norm, kl_logp
+    with torch.no_grad():
+        missed = (log_probs.argmax(-1) != batch.tgt_ids).to(torch.float32)
+        top = torch.zeros(n, device=hidden.device).index_add(0, batch.tgt_owner, missed) == 0
+    return -summed / batch.nll_norm, kl_logp, top
 
 
 def optimize_values(
@@ -291,7 +326,9 @@ def optimize_values(
     """Optimise one δ per request on the output of ``module_name`` (see the module docstring).
 
     A request stops (keeping its current δ) once its loss is below ``hparams.loss_stop``, as
-    in the authors' code; the others go on sharing the forward passes.
+    in the authors' code, or, with ``hparams.mpes``, once its target has been the most probable
+    continuation everywhere ``hparams.mpes_patience`` times; the others go on sharing the forward
+    passes. ``steps[i]`` is the number of Adam steps request i took.
     """
     device = _device(model)
     module = get_module(model, module_name)
@@ -301,26 +338,29 @@ def optimize_values(
     optims = [torch.optim.Adam([d], lr=hparams.v_lr) for d in deltas]
     init: list[torch.Tensor] = []
     kl_init: list[torch.Tensor] = []
-    nll_final, steps = [float("nan")] * n, [0] * n
+    nll_final, steps, top_hits = [float("nan")] * n, [0] * n, [0] * n
+    mpes = bool(getattr(hparams, "mpes", False))
+    patience = int(getattr(hparams, "mpes_patience", 1))
     active = list(range(n))
-    batch: _Batch | None = None
     with editing_mode(model):
+        batch = _Batch(problems, pad, device)
+        batch.run_prefix(model)  # once: a shrinking batch picks its rows out of this cache
         for step in range(hparams.v_num_grad_steps):
-            if batch is None:  # rebuilt (and its prefix rerun) only when the active set changes
-                batch = _Batch([problems[i] for i in active], pad, device)
-                batch.run_prefix(model)
             hidden, out = _forward(model, module, batch, torch.stack([deltas[i] for i in active]))
-            nll, kl_logp = _target_nll_and_kl_logp(model, batch, hidden, len(active))
+            nll, kl_logp, top = _target_nll_and_kl_logp(model, batch, hidden, len(active))
             if step == 0:  # δ = 0: the unedited value and next-token distribution
                 init = list(out[batch.bare_rows].to(torch.float32))
                 kl_init = list(kl_logp.detach())
             total, still = torch.zeros((), device=device), []
+            top_list = top.tolist()
             for j, i in enumerate(active):
                 kl = F.kl_div(kl_init[i], kl_logp[j], log_target=True, reduction="sum")
                 decay = hparams.v_weight_decay * deltas[i].norm() / init[i].norm() ** 2
                 loss = nll[j] + hparams.kl_factor * kl + decay
                 nll_final[i], steps[i] = float(nll[j].detach()), step
-                if loss.item() >= hparams.loss_stop and step < hparams.v_num_grad_steps - 1:
+                top_hits[i] += int(top_list[j])
+                done = loss.item() < hparams.loss_stop or (mpes and top_hits[i] >= patience)
+                if not done and step < hparams.v_num_grad_steps - 1:
                     total, still = total + loss, [*still, i]
             if not still:
                 break
@@ -330,7 +370,9 @@ def optimize_values(
                 optims[i].zero_grad()
                 _clamp(deltas[i], hparams.clamp_norm_factor * init[i].norm())
             if still != active:
-                batch, active = None, still
+                position = {i: j for j, i in enumerate(active)}
+                batch = batch.subset([position[i] for i in still], [problems[i] for i in active], pad)
+                active = still
     return ValueResult(torch.stack(init), torch.stack([d.detach() for d in deltas]), nll_final, steps)
 
 

@@ -1,4 +1,4 @@
-"""Hyper-parameters of ROME and MEMIT, with per-architecture defaults.
+"""Hyper-parameters of ROME, MEMIT and AlphaEdit, with per-architecture defaults.
 
 Defaults follow the papers' released settings and scale the edited layers to the model's depth:
 
@@ -21,12 +21,18 @@ MEMIT's λ (``mom2_update_weight``) is the papers' value scaled by the FFN width
 Value optimisation: GPT-2/GPT-J use the papers' weight decay 0.5 (MEMIT norm clamp 0.75, ROME 4);
 Llama-family models use the EasyEdit Llama settings (25 steps, weight decay 1e-3, clamp 4).
 ``mom2_n_samples`` counts key vectors (tokens), not documents.
+
+ENCORE (Gupta et al., 2025) adds two regularisers, off by default: ``mpes`` (most-probable early
+stopping of the value optimisation, every value-optimising editor) and ``norm_constraint`` (μ, a
+Frobenius-norm penalty on each batch update in MEMIT's and AlphaEdit's least squares).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -35,12 +41,14 @@ from typing_extensions import Self
 from .models import ArchSpec, arch_spec, get_module, weight_is_transposed
 
 __all__ = [
+    "AlphaEditHyperParams",
     "MemitHyperParams",
     "RomeHyperParams",
     "ValueHyperParams",
     "default_memit_layers",
     "default_mom2_update_weight",
     "default_rome_layer",
+    "read_hparams_file",
 ]
 
 
@@ -55,6 +63,12 @@ class ValueHyperParams:
         clamp_norm_factor: ``‖δ‖`` is clamped to this times ``‖v_init‖`` after each step.
         kl_factor: weight of the KL "essence" term on ``"{subject} is a"``.
         loss_stop: a request stops optimising once its loss falls below this.
+        mpes: most-probable early stopping (ENCORE): a request also stops as soon as its new
+            target is the most probable next token, at every target token (teacher-forced), in
+            every context prefix.
+        mpes_patience: with ``mpes``, stop at the ``mpes_patience``-th step at which that holds
+            (not necessarily consecutive). 1 is the paper's definition; the authors' released
+            settings count 2 (Llama-3-8B), 3 (Llama-2-7B) or 4 (GPT-2 XL) such steps.
         context_lengths: ``(tokens, count)`` pairs of generated context prefixes; the bare
             prompt is always included.
         mom2_adjustment: use the key second moment (C) at all.
@@ -70,12 +84,18 @@ class ValueHyperParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     loss_stop: float = 5e-2
+    mpes: bool = False
+    mpes_patience: int = 1
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_adjustment: bool = True
     mom2_n_samples: int = 50_000
     stats_seq_len: int = 256
     cov_ridge: float = 1e-6
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mpes_patience < 1:
+            raise ValueError(f"mpes_patience must be at least 1, got {self.mpes_patience}")
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed."""
@@ -114,19 +134,25 @@ class MemitHyperParams(ValueHyperParams):
 
     ``block_template`` names the transformer block whose output (the residual stream after the
     last edited layer) receives the target z; ``mom2_update_weight`` is λ in (λC + KKᵀ)⁻¹.
+    ``norm_constraint`` is ENCORE's μ (0: off): each layer's batch update Δ then minimises
+    λ‖ΔK₀‖² + ‖(W + Δ)K − V‖² + μ‖Δ‖²_F, i.e. Δ(λC + KKᵀ + μI) = RKᵀ.
     """
 
     layers: tuple[int, ...]
     module_template: str
     block_template: str
     mom2_update_weight: float = 15000.0
+    norm_constraint: float = 0.0
     clamp_norm_factor: float = 0.75
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = tuple(sorted(self.layers))
         if not self.layers:
-            raise ValueError("MemitHyperParams.layers is empty")
+            raise ValueError(f"{type(self).__name__}.layers is empty")
+        if self.norm_constraint < 0:
+            raise ValueError(f"norm_constraint must be >= 0, got {self.norm_constraint}")
 
     def module_name(self, layer: int) -> str:
         return self.module_template.format(layer)
@@ -136,7 +162,7 @@ class MemitHyperParams(ValueHyperParams):
         return self.block_template.format(self.layers[-1])
 
     @classmethod
-    def for_model(cls, model: nn.Module, **overrides: Any) -> MemitHyperParams:
+    def for_model(cls, model: nn.Module, **overrides: Any) -> Self:
         """Defaults for ``model``'s architecture and depth, with ``overrides`` applied."""
         spec = arch_spec(model)
         fields: dict[str, Any] = {
@@ -149,6 +175,63 @@ class MemitHyperParams(ValueHyperParams):
         fields["mom2_update_weight"] = default_mom2_update_weight(spec, _key_dim(model, spec))
         fields.update(overrides)
         return cls(**fields)
+
+
+@dataclass(kw_only=True)
+class AlphaEditHyperParams(MemitHyperParams):
+    """AlphaEdit: MEMIT's values, keys and layer loop, with each update projected onto the null
+    space of the preserved keys and sparing the keys of all earlier edits.
+
+    With E[kkᵀ] = U Λ Uᵀ (the key second moment, a mean over ``mom2_n_samples`` tokens), P = Û Ûᵀ
+    over the eigenvectors whose eigenvalue is below ``nullspace_threshold`` (or, with
+    ``nullspace_energy`` set, the smallest eigenvectors that together carry at most that fraction of
+    trace E[kkᵀ]). The batch update is Δ = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + ``l2`` · I)⁻¹, with K_p
+    the keys of every earlier edit (kept per layer). λ (``mom2_update_weight``) is unused: the
+    projection takes the place of λC (AlphaEdit's code carries the field but does not use it).
+
+    Defaults are AlphaEdit's released settings (``hparams/AlphaEdit/*.json``: threshold 2e-2 and
+    L2 = 10 for GPT-2 XL, GPT-J and Llama-3-8B). Their threshold is on the same mean second
+    moment (their ``layer_stats`` returns ``mom2.moment()`` = sum / count), so it applies here
+    unchanged; it is an absolute eigenvalue, though, and other models' keys have other scales
+    (on SmolLM2-135M, 2e-2 puts 28–56 % of the keys' energy inside the "null space"): for such
+    models set ``nullspace_energy`` (the AlphaEdit authors' advice for that case, issue #38).
+    """
+
+    nullspace_threshold: float = 2e-2
+    nullspace_energy: float | None = None
+    l2: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mom2_adjustment:
+            raise ValueError("AlphaEdit needs the key statistics (mom2_adjustment=True): P comes from them")
+        if self.nullspace_threshold <= 0:
+            raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
+        if self.nullspace_energy is not None and not 0 < self.nullspace_energy <= 1:
+            raise ValueError(f"nullspace_energy must be in (0, 1], got {self.nullspace_energy}")
+        if self.l2 <= 0:
+            raise ValueError(f"l2 must be > 0 (the solve needs the ridge), got {self.l2}")
+
+
+def read_hparams_file(path: str | os.PathLike[str], editor: str | None = None, *, model: Any = None) -> dict[str, Any]:
+    """Hyper-parameter overrides from a JSON or YAML file: a mapping of this module's field names, or
+    an EasyEdit ROME/MEMIT/AlphaEdit file (it has ``alg_name``), mapped field by field by
+    :func:`prune_ext.editing.easyedit.read_easyedit_hparams` (``editor`` and ``model`` check it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--hparams {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid JSON/YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of hyper-parameter names to values")
+    if "alg_name" in data:
+        from .easyedit import read_easyedit_hparams
+
+        return read_easyedit_hparams(path, editor, model=model)[1]
+    return data
 
 
 # λ of the papers' and EasyEdit's settings, and the key dimension (FFN width) they were set for

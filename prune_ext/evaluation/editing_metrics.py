@@ -14,6 +14,12 @@
 Each metric is the mean over edits of the per-edit score (a per-edit score is the mean over that
 edit's prompts), evaluated for every request passed, i.e. for all edits so far with the current
 model. Ties count as failures. A metric with no prompt at all (say, no paraphrases) is ``nan``.
+Every metric comes with its number of edits (``"n"``) and a 95 % interval over edits
+(``"intervals"``; :mod:`.intervals`).
+
+``live=True`` adds the live-decoding success rates ``live_efficacy`` / ``live_generalization``
+(greedy generation from the prompt; see :func:`evaluate_edits`): teacher-forced
+P(new) > P(true) can overstate what the edited model actually says.
 
 Requests can be any object or mapping. Recognised fields (first one present wins):
 
@@ -42,12 +48,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import ContinuationScore, generate_greedy, pad_token_id, score_continuations
+from .intervals import mean_interval
 
 __all__ = [
     "STYLES",
     "EditCase",
     "LocalityBaseline",
     "evaluate_edits",
+    "live_success",
     "locality_baseline",
     "normalize_request",
 ]
@@ -277,6 +285,41 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def live_success(continuation: str, target: str) -> bool:
+    """Whether a decoded continuation, stripped, starts with the stripped target."""
+    return continuation.strip().startswith(target.strip())
+
+
+def _live_scores(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int,
+    progress: bool,
+) -> list[float]:
+    """1.0 / 0.0 per ``(prompt, target)``: greedy decoding from the prompt, as many new tokens as
+    the target has plus one, succeeds when :func:`live_success` holds. One batched generation per
+    distinct target length."""
+    groups: dict[int, list[int]] = {}
+    for i, (_, target) in enumerate(pairs):
+        groups.setdefault(len(_target_ids(tokenizer, target)) + 1, []).append(i)
+    out = [0.0] * len(pairs)
+    for length, members in sorted(groups.items()):
+        texts = generate_greedy(
+            model,
+            tokenizer,
+            [pairs[i][0].rstrip() for i in members],
+            max_new_tokens=length,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"live decoding ({length} tokens)",
+        )
+        for i, text in zip(members, texts):
+            out[i] = float(live_success(text, pairs[i][1]))
+    return out
+
+
 def evaluate_edits(
     model: torch.nn.Module,
     tokenizer,
@@ -287,13 +330,26 @@ def evaluate_edits(
     batch_size: int = 16,
     progress: bool = True,
     per_edit: bool = False,
+    live: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Efficacy, generalization and locality (each in [0, 1], or nan if undefined) over ``requests``.
 
     ``style`` is ``"counterfact"`` or ``"zsre"`` (see the module docstring). ``baseline`` (from
-    :func:`locality_baseline` on the unedited model) is used by the zsRE style only. With
-    ``per_edit=True`` the result also holds ``"per_edit"``: one dict of the three scores per
-    request, in order (to see which earlier edits were forgotten).
+    :func:`locality_baseline` on the unedited model) is used by the zsRE style only.
+
+    ``live=True`` adds ``"live_efficacy"`` and ``"live_generalization"``: the share of edit (and
+    paraphrase) prompts whose greedy continuation — as many new tokens as ``target_new`` has,
+    plus one — starts with ``target_new`` once both are stripped (:func:`live_success`). This is
+    what a user of the edited model sees; teacher-forced P(new) > P(true) can count an edit as a
+    success while the model still says something else. It costs one batched generation per
+    distinct target length.
+
+    The result also holds ``"n"`` (each metric's number of edits with a score) and
+    ``"intervals"`` (each metric's 95 % interval over edits, ``[lo, hi]``; see
+    :mod:`.intervals`; bootstrap seeded with ``seed``). With ``per_edit=True`` it also holds
+    ``"per_edit"``: one dict of the scores per request, in order (to see which earlier edits were
+    forgotten).
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
@@ -368,10 +424,28 @@ def evaluate_edits(
         return s[op[1]].agreement(op[2])
 
     rows = [{m: _mean([value(op, scores) for op in ops]) for m, ops in entry.items()} for entry in plan]
-    result: dict = {
-        m: _mean([r[m] for r in rows if not math.isnan(r[m])])
-        for m in ("efficacy", "generalization", "locality")
-    }
+    metrics = ["efficacy", "generalization", "locality"]
+    if live:  # one generation pass over every edit and paraphrase prompt, then split back per edit
+        live_prompts = {
+            "live_efficacy": [[c.prompt] for c in cases],
+            "live_generalization": [list(c.paraphrase_prompts) for c in cases],
+        }
+        pairs = [(p, c.target_new) for per_case in live_prompts.values() for c, ps in zip(cases, per_case) for p in ps]
+        flat = iter(_live_scores(model, tokenizer, pairs, batch_size=batch_size, progress=progress))
+        for metric, per_case in live_prompts.items():
+            metrics.append(metric)
+            for row, ps in zip(rows, per_case):
+                row[metric] = _mean([next(flat) for _ in ps])
+    result: dict = {}
+    n: dict[str, int] = {}
+    intervals: dict[str, list[float]] = {}
+    for m in metrics:
+        values = [r[m] for r in rows if not math.isnan(r[m])]
+        result[m] = _mean(values)
+        n[m] = len(values)
+        intervals[m] = list(mean_interval(values, seed=seed))
+    result["n"] = n
+    result["intervals"] = intervals
     if per_edit:
         result["per_edit"] = rows
     return result
