@@ -23,14 +23,15 @@ TORCH_LIBRARY(prune_ext, m) {
   // before and after F (float64, length k) and the float64 stats vector described in restrain.h.
   // fn: 0 = log (param = α), 1 = linear (param = β). rank > 0 fixes the sketch size (no growth, no host
   // read): then sigma_before / sigma_after hold all min(rank, min(m, n)) Ritz values, the first k changed.
+  // rank_hint > 0 (adaptive mode): a bound on the rank of ΔW that sizes the first subspace; checked.
   m.def(
       "restrain_(Tensor(a!) delta, float threshold, int fn, float param, int rank, int oversample, "
-      "int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
+      "int power_iters, int seed, int rank_hint=0) -> (Tensor, Tensor, Tensor)");
   // The same for a list of matrices: sigma_before / sigma_after are (L, kmax) zero-padded rows, stats is
-  // (L, 8). (Tensor-list outputs beside a mutated tensor list cannot be functionalised, hence padding.)
+  // (L, 9). (Tensor-list outputs beside a mutated tensor list cannot be functionalised, hence padding.)
   m.def(
       "restrain_many_(Tensor(a!)[] deltas, float[] thresholds, int fn, float param, int rank, "
-      "int oversample, int power_iters, int seed) -> (Tensor, Tensor, Tensor)");
+      "int oversample, int power_iters, int seed, int rank_hint=0) -> (Tensor, Tensor, Tensor)");
   // Elementwise F on singular values (values at or below the threshold pass through).
   m.def("restrain_values(Tensor sigma, float threshold, int fn, float param) -> Tensor");
   // Exact thin SVD of left @ right.T from its factors in O((m + n) r^2): returns (U, S, V).

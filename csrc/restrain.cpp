@@ -33,9 +33,9 @@ void check_restraint_args(double threshold, int64_t fn, double param) {
                     " must be a finite number > 1, got ", param);
 }
 
-void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters) {
-  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0,
-                    "prune_ext: rank, oversample and power_iters must be >= 0");
+void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters, int64_t rank_hint) {
+  TORCH_CHECK_VALUE(rank >= 0 && oversample >= 0 && power_iters >= 0 && rank_hint >= 0,
+                    "prune_ext: rank, oversample, power_iters and rank_hint must be >= 0");
 }
 
 void check_matrix(const Tensor& t, const char* name) {
@@ -73,8 +73,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, con
 
 namespace {
 
-constexpr int64_t kInitialRank = 64;     // first subspace size
-constexpr int64_t kGrowth = 2;           // subspace growth factor (doubling: at most ~4× the needed rank in all)
+constexpr int64_t kInitialRank = 64;     // first subspace size (without a rank hint)
+constexpr int64_t kGrowth = 2;           // doubling: the least first growth, the most later growth
 constexpr int64_t kDenseBelow = 96;      // min(m, n) at or below which a dense SVD is simply cheaper
 constexpr int64_t kRowBlockElems = 1 << 23;  // rows per block in residual passes: bounded memory
 constexpr int64_t kWidenBelow = 512;         // dense float32 matrices this small are done in float64…
@@ -98,6 +98,12 @@ std::vector<double> to_host(const Tensor& t) {
 
 Tensor orthonormalize(const Tensor& Y) { return std::get<0>(at::linalg_qr(Y, "reduced")); }
 
+// A·X for the thin X (n × w) of every product with ΔW, formed as (XᵀAᵀ)ᵀ: BLAS (MKL) runs a product
+// whose output is w × m row-major (the large matrix as the right operand) about 1.4× faster than the
+// m × w one for either layout of A (measured at 4096 × 11008, w = 210); the transpose is a view, and the
+// column-major m × w result is the layout LAPACK's QR wants.
+Tensor times_A(const Tensor& A, const Tensor& X) { return at::mm(X.t(), A.t()).t(); }
+
 // New orthonormal directions from Y, orthogonal to Q. Y may be (numerically) rank deficient once Q
 // holds the range of ΔW, so the second projection acts on an orthonormal basis, not on Y's rounding
 // noise: project, orthonormalise, project again, orthonormalise again ("twice is enough").
@@ -109,7 +115,8 @@ Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
 
 // ‖A − QB‖_F² as a float64 device scalar, computed explicitly in row blocks (the formula
 // ‖A‖_F² − ‖B‖_F² loses everything to cancellation exactly when the residual is small, which is when
-// it matters).
+// it matters: B is a float32 product whose rounding, about ε‖A‖_F², is 10³–10⁴ times more than the
+// margin t² − σ_{k+1}² that certifies a typical edit ledger).
 Tensor residual_sq(const Tensor& A, const Tensor& Q, const Tensor& B) {
   const int64_t m = A.size(0);
   const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, A.size(1)));
@@ -132,6 +139,7 @@ struct Config {
   int64_t oversample;
   int64_t power_iters;
   int64_t seed;
+  int64_t rank_hint;  // > 0: the caller's bound on the rank of ΔW (sizes the first subspace; checked)
   bool fixed() const { return rank > 0; }
 };
 
@@ -148,22 +156,46 @@ struct Job {
   Tensor Q, B, Ub, s;
   Tensor before, after, coeff, stats;
   int64_t l = 0, powers = 0;
+  int64_t passes = 0;  // passes over ΔW so far: ‖ΔW‖_F, each product with it, residuals, the correction
+  bool grown = false;  // the subspace grew once already (later growth doubles)
   // Result (device, float64): the restrained values before / after F and the stats row.
   Tensor out_before, out_after, out_stats;
 };
 
 double band_factor(const Job& j) { return 1 + 16 * unit_roundoff(j.A.scalar_type()); }
 
+// On the CPU, where looking at a scalar costs nothing (no transfer, no synchronisation, so not a host
+// read), a round whose unexplained energy ‖ΔW‖_F² − ‖B‖_F² exceeds what any certificate allows, t² (the
+// band) plus a rounding allowance of 10⁻³‖ΔW‖_F² (the rounding measured is about 10⁻⁷‖ΔW‖_F²), cannot
+// certify: its explicit residual would not change the answer, so that pass is skipped and the energy
+// (≥ 0) is returned instead, else −1. Only the decision to grow rests on it, never a certificate. On a GPU
+// the look would cost a synchronisation per round, so there every round computes its residual; the
+// fixed-rank mode reports the residual it computed, so it always does.
+double uncertifiable_energy(const Job& j) {
+  if (!j.A.is_cpu()) return -1;
+  const double f2 = std::pow(j.frob.item<double>(), 2);
+  const double b2 = std::pow(at::linalg_vector_norm(j.B, 2, {}, false, at::kDouble).item<double>(), 2);
+  const double band = j.t * band_factor(j);
+  return f2 - b2 > band * band + 1e-3 * f2 ? f2 - b2 : -1;  // false for NaN
+}
+
 // Rayleigh–Ritz on span(Q) for jobs of equal shape and subspace size, and their summaries: the SVD of
 // each B = QᵀA (l × n) from the R factor of Bᵀ = P R (batched QR) and the SVD of the small R (so the
 // Ritz vectors are as accurate as B itself: a Gram matrix BBᵀ would square B's dynamic range), the
-// residuals ‖A − QB‖_F², and one summary launch. Nothing is read back to the host.
+// residuals ‖A − QB‖_F² (one pass each, unless uncertifiable_energy shows it cannot matter), and one
+// summary launch. Nothing is read back to the host.
 void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
   std::vector<Tensor> Bts, resid, frob;
   std::vector<double> thresholds;
   for (Job* j : js) {
     Bts.push_back(j->B.t());
-    resid.push_back(residual_sq(j->A, j->Q, j->B));
+    const double hopeless = c.fixed() ? -1 : uncertifiable_energy(*j);
+    if (hopeless >= 0) {
+      resid.push_back(at::full({}, hopeless, j->frob.options()));
+    } else {
+      resid.push_back(residual_sq(j->A, j->Q, j->B));
+      ++j->passes;
+    }
     frob.push_back(j->frob);
     thresholds.push_back(j->t);
   }
@@ -195,29 +227,58 @@ Tensor orthonormalize_each(const std::vector<Job*>& js, F f) {
   return orthonormalize(at::stack(ys));
 }
 
-// One subspace (power) iteration with re-orthonormalisation for each job: Q ← orth(A orth(AᵀQ)).
-// B = QᵀA is left to the caller (several steps may come before it is needed).
+// B = QᵀA for each job (one pass each).
+void project(const std::vector<Job*>& js) {
+  for (Job* j : js) {
+    j->B = at::mm(j->Q.t(), j->A);
+    ++j->passes;
+  }
+}
+
+// One subspace (power) iteration with re-orthonormalisation for each job: Q ← orth(A orth(AᵀQ)), where
+// AᵀQ = Bᵀ is the product every caller already holds for the current Q (so one pass, not two). B is
+// stale afterwards and left to the caller (several steps may come before it is needed).
 void power_step(const std::vector<Job*>& js) {
-  const Tensor Z = orthonormalize_each(js, [](Job& j, size_t) { return j.A.t().mm(j.Q); });
-  const Tensor Q = orthonormalize_each(js, [&](Job& j, size_t i) { return j.A.mm(Z[i]); });
+  const Tensor Z = orthonormalize_each(js, [](Job& j, size_t) { return j.B.t(); });
+  const Tensor Q = orthonormalize_each(js, [&](Job& j, size_t i) { return times_A(j.A, Z[i]); });
   for (size_t i = 0; i < js.size(); ++i) {
     js[i]->Q = Q[i];
     ++js[i]->powers;
+    ++js[i]->passes;
   }
 }
 
 // The first round for jobs of one shape, dtype and subspace size: one sketch for all (the same seed
 // gives every matrix the same sketch, as a call on each alone would), batched QR factorisations,
 // products per matrix, then ritz_rounds. Fixed-rank jobs also take their power iterations here.
+// A fixed-rank subspace of l columns is the dominant l-dimensional subspace of an oversampled sketch
+// (l + oversample columns, same pass): with l at the rank of ΔW and no power iterations, a sketch of
+// exactly l columns is as ill-conditioned as a square random matrix (cond(ΔWΩ) of 10⁵ measured at rank
+// 85, spikes), and float32 rounding of ΔWΩ then blurs the top directions past the accuracy the mode
+// promises; the extra columns cost part of one pass and an SVD of the small R factor of the sketch.
 void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
-  const Tensor G = sketch(js[0]->A, js[0]->n, l, c.seed, 0);
-  const Tensor Q = orthonormalize_each(js, [&](Job& j, size_t) { return j.A.mm(G); });
+  const int64_t extra = c.fixed() ? std::max<int64_t>(0, std::min(c.oversample, js[0]->p - l)) : 0;
+  const Tensor G = sketch(js[0]->A, js[0]->n, l + extra, c.seed, 0);
+  std::vector<Tensor> ys;
+  for (Job* j : js) ys.push_back(times_A(j->A, G));
+  Tensor Q;
+  if (extra == 0) {
+    Q = orthonormalize(at::stack(ys));
+  } else {
+    auto [Qy, Ry] = at::linalg_qr(at::stack(ys), "reduced");
+    const Tensor U = std::get<0>(small_svd(Ry.to(at::kDouble)));  // descending: the top l first
+    Q = at::matmul(Qy, U.narrow(2, 0, l).to(Qy.scalar_type()));
+  }
   for (size_t i = 0; i < js.size(); ++i) {
     js[i]->Q = Q[i];
     js[i]->l = l;
+    ++js[i]->passes;
   }
-  for (int64_t it = 0; c.fixed() && it < c.power_iters; ++it) power_step(js);
-  for (Job* j : js) j->B = j->Q.t().mm(j->A);
+  project(js);
+  for (int64_t it = 0; c.fixed() && it < c.power_iters; ++it) {
+    power_step(js);
+    project(js);
+  }
   ritz_rounds(js, c);
 }
 
@@ -232,17 +293,23 @@ void apply_correction(Job& j, int64_t k) {
   const Tensor left = j.Q.mm(Ub_k.to(ct)).masked_fill_(unchanged, 0);
   const Tensor right = j.B.to(at::kDouble).t().mm(Ub_k * coeff_k).masked_fill_(unchanged, 0).to(ct);
   j.A.addmm_(left, right.t(), 1, -1);
+  ++j.passes;
   if (!j.in_place) j.delta.copy_(j.A);
 }
+
+// The passes over ΔW go into the stats row last (a device write from a host count: no read back).
+void record_passes(Job& j) { j.out_stats[kStatPasses].fill_(static_cast<double>(j.passes)); }
 
 void set_result(Job& j, int64_t k) {
   j.out_before = j.before.narrow(0, 0, k);
   j.out_after = j.after.narrow(0, 0, k);
   j.out_stats = j.stats;
+  record_passes(j);
 }
 
 void set_host_result(Job& j, const std::vector<double>& before, const std::vector<double>& after,
-                     const double (&stats)[kNumStats]) {
+                     double (&stats)[kNumStats]) {
+  stats[kStatPasses] = static_cast<double>(j.passes);
   auto opts = at::TensorOptions().dtype(at::kDouble);
   j.out_before = at::tensor(before, opts).to(j.delta.device());
   j.out_after = at::tensor(after, opts).to(j.delta.device());
@@ -264,14 +331,16 @@ bool widens(const Job& j, double frob) {
   return (j.p <= kWidenBelow && j.A.numel() <= kWidenElems) || frob > kWidenRatio * j.t;
 }
 
-// A dense SVD: for small matrices, and where the sketch cannot resolve the spectrum cheaply.
+// A dense SVD: for small matrices, and where the sketch cannot resolve the spectrum cheaply. (Its passes
+// are counted as one, the correction as another.)
 void dense(Job& j, double frob, const Config& c) {
-  double stats[kNumStats] = {0, 0, frob, 1, kMethodNormBound, 0, frob, 0};
+  double stats[kNumStats] = {0, 0, frob, 1, kMethodNormBound, 0, frob, 0, 0};
   if (frob <= j.t) return set_host_result(j, {}, {}, stats);  // σmax ≤ ‖ΔW‖_F ≤ t: nothing above
   const Tensor& A = j.A;
   const bool widen = widens(j, frob);
   const Tensor Aw = widen ? A.to(at::kDouble) : A;
   auto [U, S, Vh] = at::linalg_svd(Aw, false);
+  ++j.passes;
   const std::vector<double> s = to_host(S);
   const int64_t k = std::count_if(s.begin(), s.end(), [&](double v) { return v > j.t; });
   stats[kStatRestrained] = k;
@@ -284,6 +353,7 @@ void dense(Job& j, double frob, const Config& c) {
     after[i] = restrained_value(s[i], j.t, c.fn, c.param);
     shrink[i] = s[i] - after[i];
   }
+  if (k > 0) ++j.passes;
   set_host_result(j, before, after, stats);
   if (k == 0) return;
   const Tensor d = at::tensor(shrink, at::TensorOptions().dtype(at::kDouble)).to(Aw.options());
@@ -296,24 +366,81 @@ void dense(Job& j, double frob, const Config& c) {
   if (!j.in_place) j.delta.copy_(j.A);
 }
 
-// What the host reads of a round: the stats row and max_i |σ_i − F(σ_i)| / σ_i, the factor by which F
-// scales the error of a Ritz pair into the correction (large where F is steep: small thresholds, α near 1).
-Tensor round_read(const Job& j) { return at::cat({j.stats, j.coeff.abs().max().reshape({1})}); }
+// The Ritz values trusted to size the next round: a range finder with l columns resolves about the top
+// l − oversample values of ΔW.
+int64_t trusted(int64_t l, const Config& c) { return std::max<int64_t>(1, l - c.oversample); }
 
-// Grows the subspace by kGrowth (or to fit k + oversample); false when a dense SVD is cheaper.
-bool grow(Job& j, int64_t k, const Config& c) {
-  const int64_t target = std::min(j.p, std::max(kGrowth * j.l, k + 2 * c.oversample));
+// What the host reads of a round: the stats row; max_i |σ_i − F(σ_i)| / σ_i, the factor by which F
+// scales the error of a Ritz pair into the correction (large where F is steep: small thresholds, α near
+// 1); and the evidence that sizes the next round: the energy ‖ΔW‖_F² − Σ_{i≤a} s_i² not accounted for
+// by the a trusted Ritz values and the smallest of them, s_a; and the energy left outside the first j
+// columns of Q for j = l and j = 3l/4, ‖ΔW‖_F² − ‖B_{1..j}‖_F² (the basis is nested, so these are the
+// residual energies a sketch of j columns would have left: the decay of that curve with j).
+constexpr int64_t kRead = kNumStats + 5;
+int64_t curve_start(int64_t l) { return std::max<int64_t>(1, 3 * l / 4); }
+Tensor round_read(const Job& j, const Config& c) {
+  const int64_t a = std::min(j.l, trusted(j.l, c));
+  const Tensor f2 = j.frob.square();
+  const Tensor unexplained = f2 - j.s.narrow(0, 0, a).square().sum();
+  const Tensor rows = at::linalg_vector_norm(j.B, 2, {1}, false, at::kDouble).square();
+  const Tensor left_l = f2 - rows.sum(), left_j0 = f2 - rows.narrow(0, 0, curve_start(j.l)).sum();
+  return at::cat({j.stats, j.coeff.abs().max().reshape({1}), unexplained.reshape({1}), j.s.narrow(0, a - 1, 1),
+                  left_l.reshape({1}), left_j0.reshape({1})});
+}
+
+// The size of the next subspace, from the round's evidence (`ev`: the entries of round_read after the
+// stats row). Two estimates of where the residual vanishes:
+//   values: how many values of the size of the smallest trusted Ritz value s_a the unexplained energy E
+//     would take, E / s_a², doubled (the tail below s_a decays, so it holds more values than that, while
+//     the Ritz values of a sketch without power iterations underestimate it), plus a and oversample;
+//   curve: the sketch size at which the residual-energy curve of the nested basis, extrapolated
+//     geometrically from 3l/4 to l, falls to t²/4.
+// The first growth (from the blind first sketch, or from a hinted one that fell short) takes the smaller
+// of the two, at least doubling and at most 4l (so that no estimate alone sends a matrix to the dense
+// SVD). Later growth takes the curve between 1.5l and 2l (by then E is mostly what the top directions
+// still miss, which says little about how many more there are). Never less than k + 2 · oversample.
+// Measured on the benchmark's spectra (ranks 100–1000, a 100× range over the rank) and the tests'
+// (decaying over 10³, spikes, clustered): see README, "How it is fast and exact".
+int64_t next_size(const Job& j, int64_t k, const double* ev, const Config& c) {
+  const double unexplained = ev[1], s_a = ev[2], left_l = ev[3], left_j0 = ev[4];
+  const double l = static_cast<double>(j.l);
+  const int64_t j0 = curve_start(j.l);
+  const double goal = 0.25 * j.t * j.t;
+  double curve = std::numeric_limits<double>::infinity();
+  if (j0 < j.l && !(left_l > goal)) {
+    curve = l;  // little energy left: what fails is a margin at the threshold
+  } else if (j0 < j.l && left_j0 > left_l) {
+    const double rate = std::log(left_l / left_j0) / static_cast<double>(j.l - j0);  // < 0
+    curve = l + std::log(goal / left_l) / rate;
+  }
+  double estimate;
+  if (!j.grown) {
+    double values = std::numeric_limits<double>::infinity();
+    if (unexplained > 0 && s_a > 0) values = trusted(j.l, c) + 2 * std::ceil(unexplained / (s_a * s_a)) + c.oversample;
+    estimate = std::max(kGrowth * l, std::min({values, curve, 4 * l}));  // NaN-safe: min/max keep the bounds
+  } else {
+    estimate = std::clamp(std::isfinite(curve) ? curve : kGrowth * l, 1.5 * l, kGrowth * l);
+  }
+  const int64_t target = std::max<int64_t>(static_cast<int64_t>(std::ceil(estimate)), k + 2 * c.oversample);
+  return std::min(target, j.p);
+}
+
+// Grows the subspace to `target` columns; false when a dense SVD is cheaper. The products with the
+// columns already there (B's rows) are kept; the new ones take two passes (sketch, projection).
+bool grow(Job& j, int64_t target, const Config& c) {
   if (target > j.p / 2) return false;
   // New sketch columns: entries the earlier ones did not use.
-  j.Q = extend_basis(j.Q, j.A.mm(sketch(j.A, j.n, target - j.l, c.seed, j.n * j.l)));
-  j.B = at::cat({j.B, j.Q.narrow(1, j.l, target - j.l).t().mm(j.A)}, 0);
+  j.Q = extend_basis(j.Q, times_A(j.A, sketch(j.A, j.n, target - j.l, c.seed, j.n * j.l)));
+  j.B = at::cat({j.B, at::mm(j.Q.narrow(1, j.l, target - j.l).t(), j.A)}, 0);
+  j.passes += 2;
   j.l = target;
+  j.grown = true;
   return true;
 }
 
-// The adaptive search for one job from its first round's host stats `st` (read with everyone's):
+// The adaptive search for one job from its first round's host read `st` (read with everyone's):
 // certified at once in the common case (edits are low rank); otherwise the subspace grows, subspace
-// iterations sharpen the Ritz vectors, or a dense SVD takes over. Later rounds read one stats row each.
+// iterations sharpen the Ritz vectors, or a dense SVD takes over. Later rounds read one row each.
 void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& c) {
   const double u = unit_roundoff(j.A.scalar_type());
   // Correction errors (Ritz residual × F's amplification) of ~1e-6 (float32) / ~1e-11 (float64) of
@@ -325,9 +452,9 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
     if (static_cast<int64_t>(st[kStatMethod]) == kMethodNormBound) return set_result(j, 0);
     const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
     if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
-      if (!grow(j, k, c)) return dense(j, frob, c);
+      if (!grow(j, next_size(j, k, st.data() + kNumStats, c), c)) return dense(j, frob, c);
       ritz_rounds({&j}, c);
-      st = to_host(round_read(j));
+      st = to_host(round_read(j, c));
       continue;
     }
     if (k == 0) return set_result(j, 0);
@@ -341,7 +468,8 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
       const Tensor Ub_k = j.Ub.narrow(1, 0, k), s_k = j.s.narrow(0, 0, k);
       const Tensor V_k = (j.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(ct);
       const Tensor U_k = j.Q.mm(Ub_k.to(ct));
-      const Tensor ritz = at::linalg_vector_norm(j.A.mm(V_k) - U_k * s_k.to(ct), 2, {0});
+      const Tensor ritz = at::linalg_vector_norm(times_A(j.A, V_k) - U_k * s_k.to(ct), 2, {0});
+      ++j.passes;
       max_res = std::min(resid, to_host(at::max(ritz))[0]);
     }
     if (max_res * amp > accuracy) {
@@ -351,10 +479,10 @@ void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& 
       const bool stagnated = last_res >= 0 && max_res > 0.5 * last_res;
       if (!stagnated && j.powers < c.power_iters) {
         last_res = max_res;
-        power_step({&j});
-        j.B = j.Q.t().mm(j.A);
+        power_step({&j});  // from B = QᵀA of this round
+        project({&j});
         ritz_rounds({&j}, c);
-        st = to_host(round_read(j));
+        st = to_host(round_read(j, c));
         continue;
       }
       if (!(stagnated && max_res * amp <= floor_ok) || widens(j, frob)) return dense(j, frob, c);
@@ -375,6 +503,15 @@ Tensor pad_rows(const std::vector<Tensor>& rows, const at::Device& device) {
   return out;
 }
 
+// The size of the first subspace: `rank` in fixed-rank mode; else the hinted rank plus the
+// oversampling when the caller gave a bound (a bound that is wrong only costs rounds: the certificate is
+// checked as always), else kInitialRank.
+int64_t first_size(const Job& j, const Config& c) {
+  if (c.fixed()) return std::min(c.rank, j.p);
+  if (c.rank_hint > 0) return std::min(j.p, std::max<int64_t>(1, c.rank_hint + c.oversample));
+  return std::min(j.p, std::max(kInitialRank, 2 * c.oversample));
+}
+
 // The whole call. Every job's first round is enqueued before anything is read back (jobs of equal
 // shape share batched factorisations); then one device-to-host transfer brings every ‖ΔW‖_F and
 // first-round summary, NaN or Inf anywhere is reported before any matrix is written, and each job
@@ -385,11 +522,12 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, std::vector<Job*>> groups;
   for (Job& j : jobs) {
     if (j.A.numel() == 0) {
-      const double stats[kNumStats] = {0, 0, 0, 1, kMethodNone, 0, 0, 0};
+      j.passes = 0;
+      double stats[kNumStats] = {0, 0, 0, 1, kMethodNone, 0, 0, 0, 0};
       set_host_result(j, {}, {}, stats);
       continue;
     }
-    const int64_t l = c.fixed() ? std::min(c.rank, j.p) : std::min(j.p, std::max(kInitialRank, 2 * c.oversample));
+    const int64_t l = first_size(j, c);
     if (!c.fixed() && (j.p <= kDenseBelow || l > j.p / 2)) {
       small.push_back(&j);
       continue;
@@ -408,12 +546,12 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   }
   std::vector<Tensor> parts;
   for (Job* j : small) parts.push_back(j->frob.reshape({1}));
-  for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), round_read(*j)}));
+  for (Job* j : randomized) parts.push_back(at::cat({j->frob.reshape({1}), round_read(*j, c)}));
   if (parts.empty()) return;
   const std::vector<double> host = to_host(at::cat(parts));
   const size_t offset = small.size();
   std::vector<double> frobs(host.begin(), host.begin() + offset);
-  constexpr size_t kRow = kNumStats + 2;  // ‖ΔW‖_F, then round_read
+  constexpr size_t kRow = kRead + 1;  // ‖ΔW‖_F, then round_read
   for (size_t i = 0; i < randomized.size(); ++i) frobs.push_back(host[offset + i * kRow]);
   std::vector<Job*> all(small);
   all.insert(all.end(), randomized.begin(), randomized.end());
@@ -422,7 +560,7 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   for (size_t i = 0; i < small.size(); ++i) dense(*small[i], frobs[i], c);
   for (size_t i = 0; i < randomized.size(); ++i) {
     const double* row = host.data() + offset + i * kRow + 1;
-    finish_adaptive(*randomized[i], std::vector<double>(row, row + kNumStats + 1), frobs[offset + i], c);
+    finish_adaptive(*randomized[i], std::vector<double>(row, row + kRead), frobs[offset + i], c);
   }
 }
 
@@ -452,6 +590,7 @@ std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> threshold
     j.in_place = d.scalar_type() == ct && blas_layout;
     j.A = j.in_place ? d : d.to(d.options().dtype(ct), false, true, at::MemoryFormat::Contiguous);
     j.frob = at::linalg_vector_norm(j.A, 2).to(at::kDouble);
+    j.passes = 1;
   }
   return jobs;
 }
@@ -472,11 +611,11 @@ void run_checked(std::vector<Job>& jobs, const Config& c) {
 
 std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, int64_t fn, double param,
                                              int64_t rank, int64_t oversample, int64_t power_iters,
-                                             int64_t seed) {
+                                             int64_t seed, int64_t rank_hint) {
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
-  check_sketch_args(rank, oversample, power_iters);
-  const Config c{fn, param, rank, oversample, power_iters, seed};
+  check_sketch_args(rank, oversample, power_iters, rank_hint);
+  const Config c{fn, param, rank, oversample, power_iters, seed, rank_hint};
   std::vector<Job> jobs = make_jobs({delta}, {threshold}, c);
   run_checked(jobs, c);
   return {jobs[0].out_before, jobs[0].out_after, jobs[0].out_stats};
@@ -484,7 +623,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_(Tensor& delta, double threshold, in
 
 std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::ArrayRef<double> thresholds,
                                                   int64_t fn, double param, int64_t rank, int64_t oversample,
-                                                  int64_t power_iters, int64_t seed) {
+                                                  int64_t power_iters, int64_t seed, int64_t rank_hint) {
   TORCH_CHECK_VALUE(deltas.size() == thresholds.size(), "prune_ext: got ", deltas.size(), " matrices but ",
                     thresholds.size(), " thresholds");
   // Validate everything first, so that a bad argument leaves every matrix untouched.
@@ -492,14 +631,14 @@ std::tuple<Tensor, Tensor, Tensor> restrain_many_(at::TensorList deltas, at::Arr
     check_matrix(deltas[i], "every delta");
     check_restraint_args(thresholds[i], fn, param);
   }
-  check_sketch_args(rank, oversample, power_iters);
+  check_sketch_args(rank, oversample, power_iters, rank_hint);
   const at::Device device = deltas.empty() ? at::Device(at::kCPU) : deltas[0].device();
   for (const Tensor& d : deltas)
     TORCH_CHECK_VALUE(d.device() == device, "prune_ext: restrain_many_ needs every matrix on one device, got ",
                       device, " and ", d.device());
   auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   if (deltas.empty()) return {at::zeros({0, 0}, opts), at::zeros({0, 0}, opts), at::zeros({0, kNumStats}, opts)};
-  const Config c{fn, param, rank, oversample, power_iters, seed};
+  const Config c{fn, param, rank, oversample, power_iters, seed, rank_hint};
   std::vector<Job> jobs = make_jobs(deltas, thresholds, c);
   run_checked(jobs, c);
   std::vector<Tensor> before, after, stats;

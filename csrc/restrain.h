@@ -16,13 +16,15 @@ namespace prune_ext {
 // The float64 stats vector returned by restrain_ (one row per matrix for restrain_many_) is laid out as
 // Stat in restrain_math.h says.
 
+// rank_hint > 0: the caller's bound on the rank of ΔW, which sizes the first subspace (rank_hint +
+// oversample columns) instead of the blind first sketch; it is checked like any subspace, never trusted.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> restrain_(
     at::Tensor& delta, double threshold, int64_t fn, double param, int64_t rank, int64_t oversample,
-    int64_t power_iters, int64_t seed);
+    int64_t power_iters, int64_t seed, int64_t rank_hint = 0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> restrain_many_(
     at::TensorList deltas, at::ArrayRef<double> thresholds, int64_t fn, double param, int64_t rank,
-    int64_t oversample, int64_t power_iters, int64_t seed);
+    int64_t oversample, int64_t power_iters, int64_t seed, int64_t rank_hint = 0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd(const at::Tensor& left, const at::Tensor& right);
 
@@ -31,7 +33,7 @@ at::Tensor spectral_norm(const at::Tensor& W, double rtol, int64_t max_iters, in
 // Argument checks shared by every backend (raise ValueError / TypeError in Python).
 void check_restraint_args(double threshold, int64_t fn, double param);
 void check_matrix(const at::Tensor& t, const char* name);
-void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
+void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters, int64_t rank_hint = 0);
 
 // Internal operators with a kernel per backend (csrc/cpu, csrc/cuda), called by the algorithms above
 // through the dispatcher. Shapes: s (L, l), resid_sq and frob (L), T (L, l, l), all float64.
@@ -40,7 +42,7 @@ void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters);
 //   _small_svd(T): U, S (descending), Vh with T = U diag(S) Vh, and the solver's info flag (0: success)
 //       of each matrix; never reads anything back to the host on CUDA (the flag stays there).
 //   _summarize_rounds(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters):
-//       summarize_round (restrain_math.h) per matrix → before, after, coeff (L, l) and stats (L, 8).
+//       summarize_round (restrain_math.h) per matrix → before, after, coeff (L, l) and stats (L, kNumStats).
 at::Tensor sketch(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& T);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(

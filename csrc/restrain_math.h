@@ -21,7 +21,9 @@ enum Stat : int64_t {
   kStatResidual = 6,       // ‖(I − QQᵀ)ΔW‖_F, the part of ΔW outside the explored subspace
   kStatRitzResidual = 7,   // max ‖ΔW v_i − σ_i u_i‖ over the changed triplets, or its bound ‖(I − QQᵀ)ΔW‖_F
                            // when that already meets the accuracy target (accuracy of the correction)
-  kNumStats = 8,
+  kStatPasses = 8,         // passes over ΔW (‖ΔW‖_F, each product with ΔW, residuals, the correction;
+                           // a dense SVD counts as one); written by the host after the summary (0 here)
+  kNumStats = 9,
 };
 
 enum Method : int64_t { kMethodNone = 0, kMethodRandomized = 1, kMethodDense = 2, kMethodNormBound = 3 };
@@ -107,6 +109,7 @@ C10_HOST_DEVICE inline void summarize_round(const double* s, int64_t l, double r
   stats[kStatPowerIters] = static_cast<double>(power_iters);
   stats[kStatResidual] = norm_bound ? frob : resid;
   stats[kStatRitzResidual] = norm_bound ? 0.0 : resid;  // ‖R‖_F bounds every Ritz residual
+  stats[kStatPasses] = 0;
 }
 
 }  // namespace prune_ext

@@ -1,7 +1,12 @@
 """Restraint benchmark on the CPU: prune_ext.restrain against the ways people do this today.
 
 For each shape and ΔW rank, in one run and on the same input:
-  prune_ext     prune_ext.restrain (certified randomized, in place)
+  prune_ext     prune_ext.restrain (certified randomized, in place), knowing nothing about ΔW; `passes`
+                counts its passes over ΔW (‖ΔW‖_F, each product with ΔW, residuals, the correction) and
+                `floor` is what one certified round of the right size takes (those five, four if nothing
+                is above the threshold)
+  hint          the same with rank_hint=r (the caller knows a bound on the rank, as an editing session
+                knows its ledger's): one round of r + oversample columns when that certifies
   factored      prune_ext.restrain_factors on the rank-r factors (when the update is kept factored)
   svd (a)       full torch.linalg.svd, restrain, reconstruct (float32)
   lowrank (b)   torch.svd_lowrank(q = r + 10, niter = 2), restrain, correct (uncertified)
@@ -100,8 +105,9 @@ def main(argv=None) -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     t = 20.0  # σmax(W) of SmolLM2's down_proj is about 23
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, log restraint α={ALPHA}")
-    header = (f"{'shape':>11} {'rank':>5} {'k':>4} {'l':>5} {'prune_ext s':>11} {'err':>8} {'factored s':>10} "
-              f"{'err':>8} {'svd (a) s':>9} {'×(a)':>7} {'lowrank s':>9} {'err':>8} {'×(b)':>6} "
+    header = (f"{'shape':>11} {'rank':>5} {'k':>4} {'l':>5} {'prune_ext s':>11} {'err':>8} {'passes':>6} "
+              f"{'floor':>5} {'hint s':>7} {'l':>5} {'passes':>6} {'err':>8} {'factored s':>10} "
+              f"{'err':>8} {'svd (a) s':>9} {'×(a)':>7} {'×(a) hint':>9} {'lowrank s':>9} {'err':>8} {'×(b)':>6} "
               f"{'numpy (c) s':>11} {'×(c)':>7}")
     print(header)
     print("-" * len(header))
@@ -118,6 +124,15 @@ def main(argv=None) -> None:
             assert err < 1e-4 and info.certified, (err, info)
             copies = [delta0.clone() for _ in range(args.repeat)]
             t_ext, _ = timed(partial(lambda c: prune_ext.restrain(c.pop(), t, ALPHA), copies), args.repeat)
+            work = delta0.clone()
+            _, info_h = prune_ext.restrain(work, t, ALPHA, rank_hint=r, return_info=True)
+            err_h = rel_error(work, U, s, V, t)
+            assert err_h < 1e-4 and info_h.certified, (err_h, info_h)
+            del work
+            copies = [delta0.clone() for _ in range(args.repeat)]
+            t_hint, _ = timed(partial(lambda c, r=r: prune_ext.restrain(c.pop(), t, ALPHA, rank_hint=r), copies),
+                              args.repeat)
+            del copies
             t_fac, (fl, fr, _) = timed(partial(prune_ext.restrain_factors, U * s, V, t, ALPHA), args.repeat)
             err_fac = rel_error(fl @ fr.T, U, s, V, t)
             t_low, low = timed(partial(with_svd_lowrank, delta0, t, r + 10), 1)
@@ -133,11 +148,14 @@ def main(argv=None) -> None:
                 numpy_time, _ = timed(partial(public_prune_numpy, delta0, W, t), 1)
                 del W
 
-            def ratio(base, t_ext=t_ext):
-                return f"{base / t_ext:7.0f}" if base else f"{'—':>7}"
+            def ratio(base, t_ext=t_ext, width=7):
+                return f"{base / t_ext:{width}.0f}" if base else f"{'—':>{width}}"
 
+            floor = 5 if info.restrained else 4
             print(f"{m:>5}x{n:<5} {r:>5} {info.restrained:>4} {info.rank_explored:>5} {t_ext:>11.3f} {err:>8.1e} "
-                  f"{t_fac:>10.3f} {err_fac:>8.1e} {dense_time or float('nan'):>9.2f} {ratio(dense_time)} "
+                  f"{info.passes:>6} {floor:>5} {t_hint:>7.3f} {info_h.rank_explored:>5} {info_h.passes:>6} "
+                  f"{err_h:>8.1e} {t_fac:>10.3f} {err_fac:>8.1e} {dense_time or float('nan'):>9.2f} "
+                  f"{ratio(dense_time)} {ratio(dense_time, t_hint, 9)} "
                   f"{t_low:>9.3f} {err_low:>8.1e} {t_low / t_ext:>6.1f} "
                   f"{numpy_time or float('nan'):>11.1f} {ratio(numpy_time)}", flush=True)
 

@@ -10,30 +10,32 @@ import torch
 from . import _C  # loading the library registers the operators
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
-NUM_STATS = 8  # length of the stats vector, see csrc/restrain.h
+NUM_STATS = 9  # length of the stats vector, see csrc/restrain_math.h
 
 _ops = torch.ops.prune_ext
 
 
 def restrain_(
     delta: torch.Tensor, threshold: float, fn: int, param: float, rank: int, oversample: int, power_iters: int,
-    seed: int,
+    seed: int, rank_hint: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place on ``delta``; returns (sigma_before, sigma_after, stats), all float64 on delta's device.
 
     sigma_before / sigma_after hold the k changed values; in fixed-rank mode (rank > 0) all min(rank,
     min(m, n)) Ritz values instead (a shape known in advance, no host read), of which the first k changed.
+    rank_hint > 0 (adaptive mode) sizes the first subspace for a ΔW of at most that rank (checked).
     """
-    return _ops.restrain_.default(delta, threshold, fn, param, rank, oversample, power_iters, seed)
+    return _ops.restrain_.default(delta, threshold, fn, param, rank, oversample, power_iters, seed, rank_hint)
 
 
 def restrain_many_(
     deltas: list[torch.Tensor], thresholds: list[float], fn: int, param: float, rank: int, oversample: int,
-    power_iters: int, seed: int,
+    power_iters: int, seed: int, rank_hint: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place on every matrix; returns sigma_before / sigma_after as (L, kmax) zero-padded rows, and
-    the (L, 8) stats."""
-    return _ops.restrain_many_.default(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)
+    the (L, NUM_STATS) stats."""
+    return _ops.restrain_many_.default(deltas, thresholds, fn, param, rank, oversample, power_iters, seed,
+                                       rank_hint)
 
 
 def restrain_values(sigma: torch.Tensor, threshold: float, fn: int, param: float) -> torch.Tensor:
@@ -64,7 +66,7 @@ def _stats_like(t: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("prune_ext::restrain_")
-def _(delta, threshold, fn, param, rank, oversample, power_iters, seed):
+def _(delta, threshold, fn, param, rank, oversample, power_iters, seed, rank_hint=0):
     k = torch.library.get_ctx().new_dynamic_size()
     return _stats_like(delta, k), _stats_like(delta, k), _stats_like(delta, NUM_STATS)
 
@@ -78,7 +80,7 @@ if hasattr(_ops, "restrain_gesvdr_"):  # absent from a _C built before the op wa
 
 
 @torch.library.register_fake("prune_ext::restrain_many_")
-def _(deltas, thresholds, fn, param, rank, oversample, power_iters, seed):
+def _(deltas, thresholds, fn, param, rank, oversample, power_iters, seed, rank_hint=0):
     kmax = torch.library.get_ctx().new_dynamic_size()
     device = deltas[0].device if deltas else "cpu"
     padded = torch.empty(len(deltas), kmax, dtype=torch.float64, device=device)

@@ -49,6 +49,7 @@ class RestrainInfo:
     power_iters: int
     residual: float
     ritz_residual: float
+    passes: int = 0  # passes over ΔW (its norm, each product with it, residuals, the correction); 0: not counted
 
     @classmethod
     def _from_op(cls, threshold: float, before: torch.Tensor, after: torch.Tensor, stats: torch.Tensor):
@@ -66,6 +67,7 @@ class RestrainInfo:
             power_iters=int(s[5]),
             residual=s[6],
             ritz_residual=s[7],
+            passes=int(s[8]),
         )
 
 
@@ -114,6 +116,16 @@ def _as_matrix(x, name: str = "delta") -> torch.Tensor:
     return x
 
 
+def _rank_hint(rank_hint) -> int:
+    if rank_hint is None:
+        return 0
+    if isinstance(rank_hint, bool) or not isinstance(rank_hint, int):
+        raise TypeError(f"rank_hint must be an int, got {type(rank_hint).__name__}")
+    if rank_hint <= 0:
+        raise ValueError(f"rank_hint must be positive, got {rank_hint}")
+    return rank_hint
+
+
 def _seed(generator: torch.Generator | None, seed: int | None) -> int:
     if seed is not None:
         return int(seed)
@@ -140,6 +152,7 @@ def restrain(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     rank: int | None = None,
+    rank_hint: int | None = None,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
     method: Literal["auto", "gesvdr"] = "auto",
@@ -159,6 +172,11 @@ def restrain(
             graph; pass ``W_sigma_max`` as a float there, since a tensor is read with ``.item()``); it
             therefore does not check ΔW for NaN or Inf (such a ΔW is left as it is, uncertified), and
             ``info.certified`` says whether the rank sufficed.
+        rank_hint: adaptive mode: a bound on the rank of ``delta`` that the caller knows (an edit
+            ledger's rank, say). The first subspace then has ``rank_hint + oversample`` columns instead
+            of a blind first sketch of 64, so a ΔW of up to that rank is certified in one round: five
+            passes over it (its norm, two products, the residual, the correction). The hint is checked
+            like any subspace, never trusted: a wrong one only costs rounds. Ignored with ``rank``.
         oversample: extra sketch columns beyond the number of values above the threshold.
         power_iters: adaptive mode: the most subspace iterations before falling back to a dense SVD;
             fixed-rank mode: exactly this many.
@@ -176,6 +194,7 @@ def restrain(
     code, param = _fn_args(fn, alpha, beta)
     if rank is not None and rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
+    hint = _rank_hint(rank_hint)
     if method == "auto":
         op = ops.restrain_
     elif method == "gesvdr":
@@ -184,8 +203,9 @@ def restrain(
         op = ops.restrain_gesvdr_
     else:
         raise ValueError(f"method must be 'auto' or 'gesvdr', got {method!r}")
+    args = (delta, t, code, param, rank or 0, oversample, power_iters, _seed(generator, seed))
     with torch.no_grad():
-        before, after, stats = op(delta, t, code, param, rank or 0, oversample, power_iters, _seed(generator, seed))
+        before, after, stats = op(*args, hint) if method == "auto" else op(*args)
     if return_info:
         return delta, RestrainInfo._from_op(t, before, after, stats)
     return delta
@@ -201,14 +221,15 @@ def restrain_many(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     rank: int | None = None,
+    rank_hint: int | None = None,
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
     return_info: bool = False,
 ):
     """:func:`restrain` on several matrices in one call (the same result as calling it on each).
 
-    ``sigma_maxes`` is one threshold per matrix, or one for all. Every argument is checked before any
-    matrix is touched.
+    ``sigma_maxes`` is one threshold per matrix, or one for all; ``rank_hint`` one bound for every
+    matrix's rank. Every argument is checked before any matrix is touched.
     """
     mats = [_as_matrix(d, f"deltas[{i}]") for i, d in enumerate(deltas)]
     if isinstance(sigma_maxes, (int, float, torch.Tensor)) and not (
@@ -220,9 +241,10 @@ def restrain_many(
     if len(thresholds) != len(mats):
         raise ValueError(f"got {len(mats)} matrices but {len(thresholds)} thresholds")
     code, param = _fn_args(fn, alpha, beta)
+    hint = _rank_hint(rank_hint)
     with torch.no_grad():
         before, after, stats = ops.restrain_many_(
-            mats, thresholds, code, param, rank or 0, oversample, power_iters, _seed(generator, seed)
+            mats, thresholds, code, param, rank or 0, oversample, power_iters, _seed(generator, seed), hint
         )
     if return_info:
         infos = [RestrainInfo._from_op(t, b, a, s) for t, b, a, s in zip(thresholds, before, after, stats)]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import prune_ext
 from prune_ext import reference
+from prune_ext.bench import make_update
 
 # Relative Frobenius error allowed against the float64 reference, per input dtype. Half types are
 # compared with the reference of the rounded input, and can only be as exact as their rounding.
@@ -432,6 +433,52 @@ def test_host_reads_per_call(device):
     assert info.rank_explored == 128 and host_reads(lambda: prune_ext.restrain(wide.clone(), 1.0)) == 2
 
 
+def test_rank_hint_sizes_the_first_round_and_is_checked_not_trusted(device):
+    """A caller that knows a bound on the rank (an edit ledger) gets one round of rank_hint + oversample
+    columns and one host read; a hint that is too small only costs rounds, never the certificate."""
+    t = 1.0
+    d = matrix_with_spectrum(400, 600, spectrum("decaying", 150, t), device=device)  # rank 150 > 64
+    ref = reference.restrain(d, t)
+    _, blind = prune_ext.restrain(d.clone(), t, return_info=True)
+    assert blind.rank_explored > 64 and blind.certified
+    out, info = prune_ext.restrain(d.clone(), t, rank_hint=150, return_info=True)
+    assert info.rank_explored == 160 and info.certified and info.passes == 5
+    assert rel_err(out, ref) < 1e-4
+    assert host_reads(lambda: prune_ext.restrain(d.clone(), t, rank_hint=150)) == 1
+    out, info = prune_ext.restrain(d.clone(), t, rank_hint=20, return_info=True)  # wrong: too small
+    assert info.certified and info.rank_explored > 150 and rel_err(out, ref) < 1e-4
+    mats, infos = prune_ext.restrain_many([d.clone(), d.clone()], t, rank_hint=150, return_info=True)
+    assert all(i.rank_explored == 160 and i.certified for i in infos)
+    assert all(rel_err(m, ref) < 1e-4 for m in mats)
+    for bad, exc in [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)]:
+        with pytest.raises(exc, match="rank_hint"):
+            prune_ext.restrain(d.clone(), t, rank_hint=bad)
+
+
+def test_passes_over_delta_are_counted(device):
+    """info.passes: ‖ΔW‖_F, each product with ΔW, residuals and the correction. One certified round is
+    five (four when nothing changes); fixed rank adds two per power iteration."""
+    t = 1.0
+    low = matrix_with_spectrum(300, 200, spectrum("spikes", 40, t), device=device)
+    assert prune_ext.restrain(low.clone(), t, return_info=True)[1].passes == 5
+    below = matrix_with_spectrum(300, 200, spectrum("below", 40, t), device=device)
+    assert prune_ext.restrain(below.clone(), t, return_info=True)[1].passes == 4
+    assert prune_ext.restrain(low.clone(), t, rank=64, power_iters=0, return_info=True)[1].passes == 5
+    assert prune_ext.restrain(low.clone(), t, rank=64, power_iters=2, return_info=True)[1].passes == 9
+
+
+def test_a_round_that_cannot_certify_skips_its_residual_on_the_cpu():
+    """On the CPU a round whose unexplained energy ‖ΔW‖_F² − ‖B‖_F² is far above t² makes no residual
+    pass (it could not change the answer); the next round is sized from the first one's evidence."""
+    t = 20.0
+    d = make_update(500, 900, 200, t, seed=2)[0]  # the benchmark's spectra: rank 200, so 64 is hopeless
+    ref = reference.restrain(d, t)
+    out, info = prune_ext.restrain(d, t, return_info=True)
+    # norm, first round (sketch, B: no residual), growth (sketch, B, residual), correction
+    assert info.certified and info.passes == 7 and 200 <= info.rank_explored <= 250
+    assert rel_err(out, ref) < 1e-4
+
+
 def test_restrain_many_with_nan_anywhere_writes_nothing():
     mats = [matrix_with_spectrum(300, 200, spectrum("spikes", 40, 1.0, seed=i), seed=i) for i in range(3)]
     mats[2][4, 4] = float("nan")
@@ -515,6 +562,8 @@ def test_opcheck():
     ops = torch.ops.prune_ext
     torch.library.opcheck(ops.restrain_.default, (d.clone(), t, 0, 1.2, 0, 10, 8, 0))
     torch.library.opcheck(ops.restrain_many_.default, ([d.clone(), d.clone()], [t, 2 * t], 1, 2.0, 0, 10, 8, 0))
+    torch.library.opcheck(ops.restrain_.default, (d.clone(), t, 0, 1.2, 0, 10, 8, 0, 30))  # rank_hint
+    torch.library.opcheck(ops.restrain_many_.default, ([d.clone(), d.clone()], [t, 2 * t], 0, 1.2, 0, 10, 8, 0, 30))
     torch.library.opcheck(ops.restrain_values.default, (torch.linspace(0, 5, 11, dtype=torch.float64), t, 0, 1.2))
     torch.library.opcheck(ops.factored_svd.default, (torch.randn(40, 5), torch.randn(30, 5)))
     torch.library.opcheck(ops.spectral_norm.default, (d, 1e-6, 50, 0))

@@ -178,18 +178,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> small_svd_cuda(const Tensor& T) {
 
 std::tuple<Tensor, Tensor, Tensor> restrain_cuda(Tensor& delta, double threshold, int64_t fn, double param,
                                                  int64_t rank, int64_t oversample, int64_t power_iters,
-                                                 int64_t seed) {
+                                                 int64_t seed, int64_t rank_hint) {
   c10::cuda::CUDAGuard guard(delta.device());
-  return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed);
+  return restrain_(delta, threshold, fn, param, rank, oversample, power_iters, seed, rank_hint);
 }
 
 // (Return type as restrain.h declares it: this file follows the schema's outputs without restating them.)
 auto restrain_many_cuda(at::TensorList deltas, at::ArrayRef<double> thresholds, int64_t fn, double param,
-                        int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed)
-    -> decltype(restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed)) {
+                        int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed, int64_t rank_hint)
+    -> decltype(restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed, rank_hint)) {
   TORCH_CHECK_VALUE(!deltas.empty(), "prune_ext: restrain_many_ got no matrices");
   c10::cuda::CUDAGuard guard(deltas[0].device());
-  return restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed);
+  return restrain_many_(deltas, thresholds, fn, param, rank, oversample, power_iters, seed, rank_hint);
 }
 
 std::tuple<Tensor, Tensor, Tensor> factored_svd_cuda(const Tensor& left, const Tensor& right) {
@@ -253,6 +253,7 @@ __global__ void summarize_kernel(const T* __restrict__ S, int64_t r, double thre
   stats[kStatPowerIters] = static_cast<double>(niters);
   stats[kStatResidual] = CUDART_NAN;
   stats[kStatRitzResidual] = CUDART_NAN;
+  stats[kStatPasses] = 0;  // not counted: gesvdr makes its own passes
   stats[kNumStats] = static_cast<double>(*info);
 }
 
