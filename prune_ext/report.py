@@ -168,15 +168,20 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         for ax, (title, series) in zip(axes.flat, panels):
-            for run, st in zip(runs, style):
-                xs, ys, los, his = series(run)
+            data = [(series(run), st) for run, st in zip(runs, style)]
+            positive = [v for (_, ys, _, _), _ in data for v in ys if _number(v) and v > 0]
+            # a run that blows up (σmax 10¹² beside 10²) would flatten every other line on a linear axis
+            log = title in ylog or bool(positive and max(positive) > 1e3 * min(positive))
+            for (xs, ys, los, his), st in data:
                 if xs:
+                    if log:  # a 0 (‖ΔW‖_F before the first edit) has no place on a log axis
+                        ys = [v if _number(v) and v > 0 else math.nan for v in ys]
                     ax.plot(xs, ys, **st)
                     if any(not math.isnan(v) for v in los):
                         ax.fill_between(xs, los, his, color=st["color"], alpha=0.15, linewidth=0)
             ax.set_title(title)
             ax.set_xlabel("number of edits")
-            if title in ylog:
+            if log:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         handles, legend = axes[0][0].get_legend_handles_labels()

@@ -19,6 +19,8 @@ BLOCK = re.compile(r"(<!-- table:(?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table
 
 def table_of(summary: Path) -> str:
     """The markdown table lines of a report's summary.md (its first table)."""
+    if not summary.is_file():
+        raise SystemExit(f"readme_tables: {summary.relative_to(ROOT)} does not exist (run the report that makes it)")
     lines = summary.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
