@@ -5,6 +5,7 @@
 # an interruption. Traces, configs and results are copied to docs/mend/runs/; the report is drawn there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/run_records.sh
 DATA=${PRUNE_EXT_DATA:-../shared/data}
 PY=.venv/bin/python
 P=.venv/bin/prune-ext
@@ -24,12 +25,7 @@ case "${1:-all}" in
   once)  pass --out runs/mend-prune --unrestrained-out runs/mend-plain ;;
   every) pass --every 10 --out runs/mend-every10 ;;
   report)
-    for run in mend-prune mend-plain mend-every10; do
-      [ -f "runs/$run/trace.jsonl" ] || continue
-      mkdir -p "docs/mend/runs/$run"
-      cp "runs/$run/config.json" "runs/$run/trace.jsonl" "docs/mend/runs/$run/"
-      [ -f "runs/$run/results.json" ] && cp "runs/$run/results.json" "docs/mend/runs/$run/"
-    done
+    copy_records docs/mend/runs mend-prune mend-plain mend-every10
     R=docs/mend/runs
     "$P" report $R/mend-prune $R/mend-plain $R/mend-every10 --out docs/mend/sequential ;;
   all) for p in once every report; do "$0" "$p"; done ;;

@@ -5,6 +5,7 @@
 # docs/reproduction/ and the report is drawn from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/run_records.sh
 DATA=${PRUNE_EXT_DATA:-../shared/data}
 CF=$DATA/counterfact/counterfact-edit-1k.json
 COMMON=(--data "$CF" --num-edits "${NUM_EDITS:-100}" --restrain log --alpha 1.2 --eval-every 50 --limit 100
@@ -17,12 +18,7 @@ case "${1:-all}" in
   memit-once)   pass --editor memit --batch-size 10 --out runs/memit-prune --unrestrained-out runs/memit-plain ;;
   memit-every)  pass --editor memit --batch-size 10 --every 25 --out runs/memit-every25 ;;
   report)
-    for run in rome-prune rome-plain rome-every25 memit-prune memit-plain memit-every25; do
-      [ -f "runs/$run/trace.jsonl" ] || continue
-      mkdir -p "docs/reproduction/runs/$run"
-      cp "runs/$run/config.json" "runs/$run/trace.jsonl" "docs/reproduction/runs/$run/"
-      [ -f "runs/$run/results.json" ] && cp "runs/$run/results.json" "docs/reproduction/runs/$run/"
-    done
+    copy_records docs/reproduction/runs rome-prune rome-plain rome-every25 memit-prune memit-plain memit-every25
     R=docs/reproduction/runs
     "$P" report $R/rome-prune $R/rome-plain $R/rome-every25 --out docs/reproduction/rome
     if ls -d $R/memit-* >/dev/null 2>&1; then "$P" report $R/memit-* --out docs/reproduction/memit; fi ;;
