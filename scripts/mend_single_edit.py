@@ -57,8 +57,7 @@ def main() -> None:
     requests = [records[i] for i in indices]
     unedited = evaluate_edits(model, tok, requests, "counterfact", progress=False)
     rows = []
-    for index in tqdm(indices, desc="single MEND edits"):
-        request = records[index]
+    for index, request in zip(indices, tqdm(requests, desc="single MEND edits")):
         with temporarily_applied(model, editor.edited_modules()):
             for update in editor.compute(request):
                 apply_update(model, update)

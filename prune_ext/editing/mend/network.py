@@ -148,7 +148,7 @@ class IdentityLowRankLayer(nn.Module):
         # of `pre` starts at exactly 0, and only a gradient of 1 there makes A trainable at all.
         # clamp's gradient at 0 is 1 in torch 2.13 and 0 in 2.14, so say it explicitly: where()
         # passes the gradient to every entry it selects, 0 included.
-        return torch.where(pre >= 0, pre, torch.zeros((), dtype=pre.dtype, device=pre.device)) + z
+        return torch.where(pre >= 0, pre, 0.0) + z
 
 
 class GradientEditor(nn.Module):
