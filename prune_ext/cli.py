@@ -13,6 +13,17 @@ def _tasks(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _limit(text: str) -> int | dict[str, int]:
+    """``--limit``: ``N`` examples of every task, or ``task=N,...`` per task."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): int(count) for name, count in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or task=N,..., got {text!r}") from None
+
+
 def _placement(parser: argparse.ArgumentParser) -> None:
     """Where the model lives: --device, --dtype, --device-map, --store-device."""
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -45,13 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int, default=25)
     run.add_argument("--tasks", type=_tasks, default=[], help="comma list of gsm8k,rte,nq,samsum,perplexity")
     run.add_argument("--task-data", help="folder of the task files (default $PRUNE_EXT_DATA or ../shared/data)")
-    run.add_argument("--limit", type=int, default=20, help="examples per task")
+    run.add_argument("--limit", type=_limit, default=20,
+                     help="examples per task: N, or task=N,... (e.g. rte=400,samsum=100)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--corpus", help="text file or folder for the key statistics (default: model samples)")
     run.add_argument("--unrestrained-out", help="also write the unrestrained run here (same editing pass)")
     run.add_argument("--hparams", help="JSON/YAML file of editor hyper-parameters: our field names, or an "
                      "EasyEdit ROME/MEMIT/AlphaEdit YAML file (recognised by its alg_name)")
     run.add_argument("--live", action="store_true", help="also score edits by greedy decoding (live_efficacy)")
+    run.add_argument("--eval-edits", type=int, metavar="N",
+                     help="score a seeded sample of at most N of the edits so far at each checkpoint (default: all)")
     _placement(run)
     run.add_argument("--out", required=True)
 
@@ -122,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
-        live=args.live, hparams=hparams, **_placement_args(args),
+        live=args.live, eval_edits=args.eval_edits, hparams=hparams, **_placement_args(args),
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")

@@ -60,13 +60,14 @@ class ExperimentConfig:
     eval_every: int = 25
     tasks: list[str] = field(default_factory=list)
     task_data: str | None = None
-    limit: int = 20
+    limit: int | dict[str, int] = 20  # examples per task, or per task by name
     seed: int = 0
     corpus: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     unrestrained_out: str | None = None
     only_known: bool = False  # keep only requests whose true answer the model prefers (demo)
     live: bool = False  # also score edits by greedy decoding (live_efficacy)
+    eval_edits: int | None = None  # score a seeded sample of at most this many of the edits so far
     dtype: str = "float32"  # of the loaded model: float32, bfloat16 or float16
     device: str | None = None  # cpu, cuda, cuda:N (default: where transformers loads it, the CPU)
     device_map: str | None = None  # "auto" or a JSON file of module -> device
@@ -84,9 +85,16 @@ class ExperimentConfig:
             raise ExperimentError(f"--format must be counterfact or zsre, got {self.format!r}")
         if self.restrain not in ("none", "log", "linear"):
             raise ExperimentError(f"--restrain must be none, log or linear, got {self.restrain!r}")
-        for name in ("num_edits", "batch_size", "eval_every", "limit"):
+        for name in ("num_edits", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        limits = self.limit if isinstance(self.limit, dict) else {"": self.limit}
+        if any(not isinstance(n, int) or n < 1 for n in limits.values()):
+            raise ExperimentError(f"--limit: every count must be at least 1, got {self.limit}")
+        if isinstance(self.limit, dict) and set(self.tasks) - set(self.limit):
+            raise ExperimentError(f"--limit names no count for {', '.join(sorted(set(self.tasks) - set(self.limit)))}")
+        if self.eval_edits is not None and self.eval_edits < 1:
+            raise ExperimentError(f"--eval-edits must be at least 1, got {self.eval_edits}")
         if self.every is not None and self.every < 1:
             raise ExperimentError(f"--every must be at least 1, got {self.every}")
         if self.restrain == "log" and not (self.alpha > 1 and math.isfinite(self.alpha)):
@@ -186,7 +194,7 @@ class _Trace:
         """Check a folder being resumed against ``settings``, or start it afresh."""
         config_path = self.folder / "config.json"
         if resume and config_path.exists():
-            saved = read_json(config_path)
+            saved = {**_DEFAULTS, **read_json(config_path)}  # a setting newer than the folder: its default
             rows = read_jsonl(self.path) if self.path.exists() else []
             if saved != settings:
                 if not _only_count_differs(saved, settings):
@@ -222,6 +230,26 @@ class _Trace:
         append_jsonl(self.path, row)
         write_json(self.folder / "results.json", row)
         self.done.add(row["edits"])
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
+             if f.default is not dataclasses.MISSING}
+
+
+def scored_edits(requests: Sequence[Any], n: int, sample: int | None, seed: int) -> list[Any]:
+    """The edits a checkpoint after ``n`` edits scores: all of ``requests[:n]``, or a seeded sample of
+    ``sample`` of them (in edit order; the same for every folder of a run at the same ``n``)."""
+    if sample is None or n <= sample:
+        return list(requests[:n])
+    import random
+
+    return [requests[i] for i in sorted(random.Random(f"{seed}:{n}").sample(range(n), sample))]
+
+
+def _task_limits(config: ExperimentConfig) -> dict[str, int]:
+    if isinstance(config.limit, dict):
+        return config.limit
+    return dict.fromkeys(config.tasks, config.limit)
 
 
 def _only_count_differs(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
@@ -312,12 +340,16 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         s.hold(restrained=trace.restrained and once)
         restrain_seconds = time.perf_counter() - start
         row: dict[str, Any] = {"edits": n, "final": final, "restrained": trace.restrained}
-        scores = [evaluate_edits(model, tok, requests[:n], style, baseline=baseline, live=config.live,
+        scored = scored_edits(requests, n, config.eval_edits, config.seed)
+        if config.eval_edits is not None:
+            row["edits_scored"] = len(scored)
+        scores = [evaluate_edits(model, tok, scored, style, baseline=baseline, live=config.live,
                                  progress=False) if n else
                   {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
         if config.tasks:  # perplexity never scores a text the key statistics were computed from
-            scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data, limit=config.limit,
-                                         seed=config.seed, progress=progress, held_out_from=config.corpus))
+            scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
+                                         limit=_task_limits(config), seed=config.seed, progress=progress,
+                                         held_out_from=config.corpus))
         row.update(merge_results(*scores))
         row["matrices"] = diagnostics_as_dict(s.diagnostics())  # of the weights just evaluated
         row["restraints"] = len(s.restraints)

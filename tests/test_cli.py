@@ -72,6 +72,9 @@ def test_run_writes_trace_results_and_both_variants(model_dir, tmp_path, monkeyp
         (["run", "--editor", "rome", "--norm-constraint", "2", "--out", "x"], "rome has no setting(s) norm_constraint"),
         (["run", "--every", "5", "--unrestrained-out", "y", "--out", "x"], "once at the end"),
         (["run", "--tasks", "chess", "--out", "x"], "chess"),
+        (["run", "--tasks", "rte,samsum", "--limit", "rte=5", "--out", "x"], "--limit names no count for samsum"),
+        (["run", "--limit", "rte=0", "--tasks", "rte", "--out", "x"], "--limit: every count must be at least 1"),
+        (["run", "--eval-edits", "0", "--out", "x"], "--eval-edits must be at least 1"),
         (["report", "/no/such/run", "--out", "x"], "not a prune-ext run folder"),
     ],
 )

@@ -283,6 +283,11 @@ def test_a_registered_task_runs_through_the_plain_recipe(tmp_path, tok, monkeypa
                            progress=False)
     assert res["echo"] == pytest.approx(2 / 3) and res["n"] == {"echo": 3}
     assert res["intervals"]["echo"] == list(iv.wilson(2, 3))
+    # a limit per task by name; a task the mapping does not name is refused before any work
+    assert T.evaluate_tasks(model, tok, tasks="echo", data_dir=tmp_path, limit={"echo": 2},
+                            progress=False)["n"] == {"echo": 2}
+    with pytest.raises(ValueError, match="limit names no count for echo"):
+        T.evaluate_tasks(model, tok, tasks="echo", data_dir=tmp_path, limit={"rte": 2}, progress=False)
 
 
 # --- loaders ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model_folder
 
 import prune_ext.evaluation as evaluation
-from prune_ext.experiment import ExperimentConfig, ExperimentError, run_experiment
+from prune_ext.experiment import ExperimentConfig, ExperimentError, run_experiment, scored_edits
 from prune_ext.io import read_jsonl
 from prune_ext.session import HELD_EDITED, HELD_RESTRAINED, weight_digest
 
@@ -190,6 +190,31 @@ def test_resume_refuses_changed_inputs(model_dir, tmp_path):
     config2 = config_for(model_dir, tmp_path / "run", data=str(data), num_edits=3, eval_every=1, alpha=1.5)
     with pytest.raises(ExperimentError, match="alpha"):
         run_experiment(config2, **QUIET)
+
+
+def test_scored_edits_is_all_or_a_fixed_sample_in_edit_order():
+    requests = list(range(50))
+    assert scored_edits(requests, 8, None, 0) == list(range(8)) == scored_edits(requests, 8, 8, 0)
+    sample = scored_edits(requests, 40, 10, 0)
+    assert len(sample) == len(set(sample)) == 10 and sample == sorted(sample) and max(sample) < 40
+    assert sample == scored_edits(requests, 40, 10, 0)  # both folders of a run score the same edits
+    assert sample != scored_edits(requests, 40, 10, 1)
+
+
+def test_sampled_edit_scores_and_a_folder_older_than_a_setting_resumes(model_dir, tmp_path):
+    config = config_for(model_dir, tmp_path / "run", num_edits=4, eval_edits=3)
+    run_experiment(config, **QUIET)
+    rows = read_jsonl(tmp_path / "run" / "trace.jsonl")
+    counts = [(r["edits"], r["edits_scored"], r.get("n", {}).get("efficacy", 0)) for r in rows]
+    assert counts == [(0, 0, 0), (2, 2, 2), (4, 3, 3)]
+    # a folder written before `eval_edits` existed ran with its default: it resumes (here, extends)
+    old = config_for(model_dir, tmp_path / "old", num_edits=4)
+    run_experiment(old, **QUIET)
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["eval_edits"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    run_experiment(config_for(model_dir, tmp_path / "old", num_edits=6), **QUIET)
+    assert [r["edits"] for r in read_jsonl(tmp_path / "old" / "trace.jsonl")] == [0, 2, 4, 6]
 
 
 def test_once_schedule_rows_and_nan_free(model_dir, tmp_path):

@@ -260,7 +260,7 @@ def evaluate_tasks(
     tasks: Sequence[str] = DEFAULT_TASKS,
     *,
     data_dir: str | os.PathLike | None = None,
-    limit: int | None = 50,
+    limit: int | Mapping[str, int] | None = 50,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -270,6 +270,9 @@ def evaluate_tasks(
     held_out_from: str | os.PathLike | None = None,
 ) -> dict:
     """Score of each task in ``tasks`` (``gsm8k``, ``rte``, ``nq``, ``samsum``, ``perplexity``).
+
+    ``limit`` is the number of examples of every task, or a mapping task -> number (a task it does
+    not name is a ``ValueError``); None: all.
 
     Returns ``{task: score, ..., "n": {task: examples}, "intervals": {task: [lo, hi]}}`` and, for
     perplexity, ``"perplexity_source"`` (what text was scored). Merge it with
@@ -284,6 +287,8 @@ def evaluate_tasks(
     for name in tasks:
         task_file(name, data_dir)
     _max_new(max_new_tokens)
+    if isinstance(limit, Mapping) and set(tasks) - set(limit):
+        raise ValueError(f"limit names no count for {', '.join(sorted(set(tasks) - set(limit)))}")
     results: dict = {"n": {}, "intervals": {}}
     for name in tqdm(list(tasks), desc="tasks", disable=not progress or len(tasks) < 2, leave=False):
         res = evaluate_task(
@@ -291,7 +296,7 @@ def evaluate_tasks(
             tokenizer,
             name,
             data_dir=data_dir,
-            limit=limit,
+            limit=limit[name] if isinstance(limit, Mapping) else limit,
             seed=seed,
             batch_size=batch_size,
             progress=progress,

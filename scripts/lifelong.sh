@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The lifelong study (README "Lifelong editing"): 1,000 sequential CounterFact edits (NUM_EDITS=2000
+# extends the same runs) on SmolLM2-135M in batches of 100, MEMIT and AlphaEdit, each with and without
+# PRUNE (one editing pass writes both: restrained once, as if the run ended at each checkpoint), both
+# with MPES (the speed that fits 1,000 edits into a session on 2 cores). Checkpoints every 200 edits
+# score a seeded sample of 400 of the edits so far (teacher-forced and live decoding), RTE on 400
+# examples, SAMSum and perplexity on 100. Resumable: run it again after an interruption. Records go
+# to docs/lifelong/runs/, the report to docs/lifelong/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/run_records.sh
+DATA=${PRUNE_EXT_DATA:-../shared/data}
+COMMON=(--data "$DATA/counterfact/counterfact-edit.json" --num-edits "${NUM_EDITS:-1000}" --batch-size 100 --mpes
+        --restrain log --alpha 1.2 --eval-every 200 --eval-edits 400 --live
+        --tasks rte,samsum,perplexity --limit rte=400,samsum=100,perplexity=100 --corpus "$DATA/tasks/nq-open.jsonl")
+P=.venv/bin/prune-ext
+pass() { OMP_NUM_THREADS=${THREADS:-1} "$P" run "${COMMON[@]}" "$@"; }
+case "${1:-all}" in
+  alphaedit) pass --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
+  memit)     pass --editor memit --out runs/lifelong-memit-prune --unrestrained-out runs/lifelong-memit ;;
+  report)
+    RUNS=(lifelong-memit lifelong-memit-prune lifelong-alphaedit lifelong-alphaedit-prune)
+    copy_records docs/lifelong/runs "${RUNS[@]}"
+    have=(); for r in "${RUNS[@]}"; do [ -d "docs/lifelong/runs/$r" ] && have+=("docs/lifelong/runs/$r"); done
+    "$P" report "${have[@]}" --out docs/lifelong ;;
+  all) for p in alphaedit memit report; do "$0" "$p"; done ;;
+  *) echo "usage: $0 [alphaedit|memit|report|all]" >&2; exit 2 ;;
+esac
