@@ -49,15 +49,20 @@ def load_run(folder: str | Path) -> Run:
 
 
 def label(run: Run) -> str:
-    """``EDITOR · PRUNE log α=1.2, once`` / ``EDITOR · no PRUNE``, from the run's config."""
+    """``EDITOR · PRUNE log α=1.2, once`` / ``EDITOR+MPES · no PRUNE``, from the run's config (the
+    editor's ENCORE options, MPES and the norm constraint μ, are part of its name)."""
     c = run["config"]
+    hparams = c.get("hparams") or {}
+    editor = c["editor"].upper() + ("+MPES" if hparams.get("mpes") else "")
+    if hparams.get("norm_constraint"):
+        editor += f"+norm μ={hparams['norm_constraint']:g}"
     if not _restrained(run):
         what = "no PRUNE"
     else:
         param = f"α={c['alpha']:g}" if c["restrain"] == "log" else f"β={c['beta']:g}"
         when = f"every {c['every']}" if c.get("every") else "once"
         what = f"PRUNE {c['restrain']} {param}, {when}"
-    return f"{c['editor'].upper()} · {what}"
+    return f"{editor} · {what}"
 
 
 def _labels(runs: list[Run]) -> list[str]:

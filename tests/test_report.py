@@ -139,6 +139,14 @@ def test_torn_last_line_is_dropped_with_one_warning(tmp_path):
         report.load_run(folder)
 
 
+def test_labels_name_the_encore_options(tmp_path):
+    rows = [_old_row(50, 0.9, 45.2, final=True)]
+    mpes = _run(tmp_path / "a", rows, editor="alphaedit", hparams={"mpes": True})
+    both = _run(tmp_path / "b", rows, editor="memit", restrain="none", hparams={"mpes": True, "norm_constraint": 0.5})
+    assert report.label(report.load_run(mpes)) == "ALPHAEDIT+MPES · PRUNE log α=1.2, once"
+    assert report.label(report.load_run(both)) == "MEMIT+MPES+norm μ=0.5 · no PRUNE"
+
+
 def test_mixed_formats_and_duplicate_labels(tmp_path):
     old = _run(tmp_path / "old", [_old_row(50, 0.9, 45.2, final=True)])
     new = _run(tmp_path / "new", [_new_row(50, 0.7, [0.6, 0.8], 44.0, [40.0, 48.0], final=True)])
