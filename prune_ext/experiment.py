@@ -13,7 +13,13 @@ With the paper's main schedule (restrain once, after the last edit) the restrain
 unrestrained runs share every edit, so one editing pass can write both folders: ``out`` is evaluated
 holding W + F(ΔW) at every checkpoint (the run as if it ended there), ``unrestrained_out`` holding
 W + ΔW. With ``every`` k, ``out`` is evaluated on the weights the schedule produced (restrained at
-every k-th edit, and once more at the end if edits came after the last restraint).
+every k-th edit, and once more at the end if edits came after the last restraint). Where both folders
+hold bit-identical weights at a checkpoint (before the first edit, or while no value of ΔW exceeds
+σmax(W), so that F(ΔW) = ΔW), the model is evaluated once and the second row repeats those scores,
+saying so (``scores_from``: the variant that was evaluated).
+
+A checkpoint scores every edit so far, or with ``eval_edits`` a seeded sample of that many of them
+(``edits_scored``; the same sample in both folders).
 
 Every write is atomic, so a kill at any moment loses nothing: the run resumes from its last session
 save, skips the rows already written and ends with the same weights and rows.
@@ -21,6 +27,7 @@ save, skips the rows already written and ends with the same weights and rows.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -189,6 +196,7 @@ class _Trace:
         self.folder, self.restrained = folder, restrained
         self.path = folder / "trace.jsonl"
         self.done: set[int] = set()
+        self.rows: list[dict[str, Any]] = []  # rows already written (a resumed run's)
 
     def start(self, settings: dict[str, Any], resume: bool) -> None:
         """Check a folder being resumed against ``settings``, or start it afresh."""
@@ -211,6 +219,7 @@ class _Trace:
                 (self.folder / "results.json").unlink(missing_ok=True)
                 write_json(config_path, settings)
             self.done = {row["edits"] for row in rows}
+            self.rows = rows
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(config_path, settings)
@@ -250,6 +259,23 @@ def _task_limits(config: ExperimentConfig) -> dict[str, int]:
     if isinstance(config.limit, dict):
         return config.limit
     return dict.fromkeys(config.tasks, config.limit)
+
+
+_NOT_SCORES = {"edits", "final", "restrained", "edits_scored", "matrices", "restraints", "seconds", "scores_from"}
+
+
+def _variant(restrained: bool) -> str:
+    return "restrained" if restrained else "unrestrained"
+
+
+def _held_key(edits: int, matrices: dict[str, dict[str, Any]]) -> tuple:
+    """A checkpoint's identity: the edit count and the digests of the matrices the model held."""
+    return edits, tuple(sorted((name, m["sha256"]) for name, m in matrices.items()))
+
+
+def _scores_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's part of a trace row (scores, their n, intervals and sources)."""
+    return {k: v for k, v in row.items() if k not in _NOT_SCORES}
 
 
 def _only_count_differs(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
@@ -329,6 +355,15 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             session.reopen()  # the same run, extended to more edits
             log(f"extending {out} from {session.edits_done} to {len(requests)} edits")
     once = config.every is None and config.restrain != "none"
+    scored_weights: dict[tuple, dict[str, Any]] = {}  # scores by (edits, digests of the held matrices)
+    scored_from: dict[tuple, str] = {}
+    for trace in traces:  # rows written before a resume count too (so a resumed run writes the same rows)
+        for row in trace.rows:
+            if not all(m.get("sha256") for m in row.get("matrices", {}).values()):
+                continue  # a row of an older writer, without digests
+            key = _held_key(row["edits"], row["matrices"])
+            scored_weights.setdefault(key, _scores_of(row))
+            scored_from.setdefault(key, row.get("scores_from", _variant(trace.restrained)))
 
     def evaluate(s: EditingSession, trace: _Trace, final: bool) -> None:
         n = s.edits_done
@@ -343,15 +378,23 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         scored = scored_edits(requests, n, config.eval_edits, config.seed)
         if config.eval_edits is not None:
             row["edits_scored"] = len(scored)
-        scores = [evaluate_edits(model, tok, scored, style, baseline=baseline, live=config.live,
-                                 progress=False) if n else
-                  {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
-        if config.tasks:  # perplexity never scores a text the key statistics were computed from
-            scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
-                                         limit=_task_limits(config), seed=config.seed, progress=progress,
-                                         held_out_from=config.corpus))
-        row.update(merge_results(*scores))
-        row["matrices"] = diagnostics_as_dict(s.diagnostics())  # of the weights just evaluated
+        matrices = diagnostics_as_dict(s.diagnostics())  # of the weights about to be evaluated
+        # the other folder already scored bit-identical weights at this checkpoint (no edits yet, or a
+        # restraint with no value above σmax(W)): the session writes nothing else, so the model is the same
+        held = _held_key(n, matrices)
+        if held in scored_weights:
+            row.update(copy.deepcopy(scored_weights[held]), scores_from=scored_from[held])
+        else:
+            scores = [evaluate_edits(model, tok, scored, style, baseline=baseline, live=config.live,
+                                     progress=False) if n else
+                      {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
+            if config.tasks:  # perplexity never scores a text the key statistics were computed from
+                scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
+                                             limit=_task_limits(config), seed=config.seed, progress=progress,
+                                             held_out_from=config.corpus))
+            scored_weights[held], scored_from[held] = merge_results(*scores), _variant(trace.restrained)
+            row.update(copy.deepcopy(scored_weights[held]))
+        row["matrices"] = matrices
         row["restraints"] = len(s.restraints)
         row["seconds"] = {"edit": s.edit_seconds,
                           "restrain": sum(r.get("seconds", 0.0) for r in s.restraints)

@@ -26,6 +26,7 @@ LIVE_METRICS = ("live_efficacy", "live_generalization")
 SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"),
             ("delta_fro", "‖ΔW‖_F"))
 NOT_TASKS = {"edits", "final", "matrices", "seconds", "n", "intervals", "restraints", "restrained", "edits_scored",
+             "scores_from",
              "perplexity_source",
              *EDIT_METRICS, *LIVE_METRICS}
 

@@ -217,6 +217,25 @@ def test_sampled_edit_scores_and_a_folder_older_than_a_setting_resumes(model_dir
     assert [r["edits"] for r in read_jsonl(tmp_path / "old" / "trace.jsonl")] == [0, 2, 4, 6]
 
 
+def test_identical_weights_are_scored_once(model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = evaluation.evaluate_edits
+    monkeypatch.setattr(evaluation, "evaluate_edits", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    config = config_for(model_dir, tmp_path / "prune", unrestrained_out=str(tmp_path / "plain"), num_edits=4)
+    run_experiment(config, **QUIET)
+    prune, plain = (read_jsonl(tmp_path / f / "trace.jsonl") for f in ("prune", "plain"))
+    for a, b in zip(prune, plain):
+        digests_equal = all(a["matrices"][k]["sha256"] == b["matrices"][k]["sha256"] for k in a["matrices"])
+        if digests_equal:  # scored once: one row names the folder whose scores it holds
+            assert ("scores_from" in a) != ("scores_from" in b)
+            assert {k: v for k, v in a.items() if k in ("efficacy", "locality", "n", "intervals")} == \
+                   {k: v for k, v in b.items() if k in ("efficacy", "locality", "n", "intervals")}
+        else:
+            assert "scores_from" not in a and "scores_from" not in b
+    assert plain[0]["scores_from"] == "restrained"  # the unedited model: W + F(0) = W
+    assert len(calls) == sum("scores_from" not in r for r in prune + plain if r["edits"])
+
+
 def test_once_schedule_rows_and_nan_free(model_dir, tmp_path):
     config = config_for(model_dir, tmp_path / "prune", unrestrained_out=str(tmp_path / "plain"), num_edits=4)
     run_experiment(config, **QUIET)
