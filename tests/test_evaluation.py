@@ -7,6 +7,8 @@ The end-to-end tests use two kinds of tiny model with the real GPT-2 BPE tokeniz
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import importlib.util
 import json
@@ -608,6 +610,22 @@ def test_score_continuations_shares_rows(tiny_gpt2, tok):
     full = torch.log_softmax(tiny_gpt2(torch.tensor([ctx + c[:-1]])).logits[0].float(), -1)
     want = [full[len(ctx) - 1 + i, t].item() for i, t in enumerate(c)]
     assert all(math.isclose(u, v, abs_tol=1e-5) for u, v in zip(together[2].logprobs, want))
+
+
+def test_score_continuations_in_batches_of_varied_lengths_match_a_float64_reference(tiny_gpt2):
+    # only the positions that predict a target get logits: check the offsets on ragged batches
+    gen_ = torch.Generator().manual_seed(3)
+    vocab = tiny_gpt2.config.vocab_size
+    items = [(torch.randint(vocab, (int(n),), generator=gen_).tolist(),
+              torch.randint(vocab, (int(t),), generator=gen_).tolist())
+             for n, t in zip(torch.randint(1, 30, (11,), generator=gen_), torch.randint(1, 5, (11,), generator=gen_))]
+    got = gen.score_continuations(tiny_gpt2, items, batch_size=4)
+    ref_model = copy.deepcopy(tiny_gpt2).double()
+    for (ctx, tgt), score in zip(items, got):
+        logp = torch.log_softmax(ref_model(torch.tensor([ctx + tgt[:-1]])).logits[0], -1)[len(ctx) - 1 :]
+        want = logp.gather(1, torch.tensor(tgt)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(score.logprobs, dtype=torch.float64), want, atol=1e-4)
+        assert score.argmax == logp.argmax(-1).tolist()
 
 
 class _NoGenerate(torch.nn.Module):
