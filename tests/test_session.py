@@ -56,6 +56,19 @@ def test_ledger_factored_restraint_matches_dense_reference():
     torch.testing.assert_close(ledger.delta(), dense + extra)
 
 
+def test_a_restraint_with_nothing_above_the_threshold_leaves_the_factors_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    W = matrix_with_spectrum(120, 80, torch.linspace(5, 1, 80, dtype=torch.float64))
+    ledger = MatrixLedger("w", W)
+    for _ in range(4):  # small updates: every singular value of ΔW stays below σmax(W) = 5
+        ledger.append(LowRankUpdate("w", 0.02 * torch.randn(120, 2, generator=g), torch.randn(80, 2, generator=g)),
+                      max_rank=16)
+    assert float(torch.linalg.svdvals(ledger.delta().double())[0]) < ledger.sigma_w
+    k, view = ledger.restrained("log", 1.2, 2.0)
+    assert k == 0 and view[0] is ledger.left and view[1] is ledger.right
+    assert torch.equal(ledger.weight(view), ledger.weight())  # W + F(ΔW) is W + ΔW to the bit
+
+
 def run_session(tok, cache, *, arch="gpt2", dtype=torch.float32, **kw):
     model = tiny_model(arch, tok, dtype=dtype)
     session = EditingSession(model, tok, "rome", HPARAMS, cov_cache_dir=cache, progress=False, **kw)

@@ -89,7 +89,10 @@ class MatrixLedger:
             return 0, (self.left, self.right)
         new_left, new_right, sigma = restraint.restrain_factors(self.left, self.right, self.sigma_w, alpha,
                                                                 fn=fn, beta=beta)
-        return int((sigma > self.sigma_w).sum()), (new_left, new_right)
+        k = int((sigma > self.sigma_w).sum())
+        # nothing above σ_W: F(ΔW) = ΔW, so the factors as they are (the new ones are ΔW in SVD form,
+        # equal only to rounding), and W + F(ΔW) is bit for bit W + ΔW, as the dense restraint's no-op
+        return (k, (new_left, new_right)) if k else (0, (self.left, self.right))
 
     def weight(self, delta: Delta | None = None) -> torch.Tensor:
         """W + ΔW (or W + the given ΔW) in float32: the one formula for what a model holds."""
