@@ -355,15 +355,14 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             session.reopen()  # the same run, extended to more edits
             log(f"extending {out} from {session.edits_done} to {len(requests)} edits")
     once = config.every is None and config.restrain != "none"
-    scored_weights: dict[tuple, dict[str, Any]] = {}  # scores by (edits, digests of the held matrices)
-    scored_from: dict[tuple, str] = {}
+    # (scores, the folder that computed them) by (edits, digests of the held matrices)
+    scored_weights: dict[tuple, tuple[dict[str, Any], str]] = {}
     for trace in traces:  # rows written before a resume count too (so a resumed run writes the same rows)
         for row in trace.rows:
             if not all(m.get("sha256") for m in row.get("matrices", {}).values()):
                 continue  # a row of an older writer, without digests
             key = _held_key(row["edits"], row["matrices"])
-            scored_weights.setdefault(key, _scores_of(row))
-            scored_from.setdefault(key, row.get("scores_from", _variant(trace.restrained)))
+            scored_weights.setdefault(key, (_scores_of(row), row.get("scores_from", _variant(trace.restrained))))
 
     def evaluate(s: EditingSession, trace: _Trace, final: bool) -> None:
         n = s.edits_done
@@ -383,7 +382,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         # restraint with no value above σmax(W)): the session writes nothing else, so the model is the same
         held = _held_key(n, matrices)
         if held in scored_weights:
-            row.update(copy.deepcopy(scored_weights[held]), scores_from=scored_from[held])
+            scores_held, folder = scored_weights[held]
+            row.update(copy.deepcopy(scores_held), scores_from=folder)
         else:
             scores = [evaluate_edits(model, tok, scored, style, baseline=baseline, live=config.live,
                                      progress=False) if n else
@@ -392,8 +392,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
                 scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
                                              limit=_task_limits(config), seed=config.seed, progress=progress,
                                              held_out_from=config.corpus))
-            scored_weights[held], scored_from[held] = merge_results(*scores), _variant(trace.restrained)
-            row.update(copy.deepcopy(scored_weights[held]))
+            merged = merge_results(*scores)
+            scored_weights[held] = merged, _variant(trace.restrained)
+            row.update(copy.deepcopy(merged))
         row["matrices"] = matrices
         row["restraints"] = len(s.restraints)
         row["seconds"] = {"edit": s.edit_seconds,
