@@ -4,8 +4,10 @@
 # PRUNE (one editing pass writes both: restrained once, as if the run ended at each checkpoint), both
 # with MPES (the speed that fits 1,000 edits into a session on 2 cores). Checkpoints every 200 edits
 # score a seeded sample of 400 of the edits so far (teacher-forced and live decoding), RTE on 400
-# examples, SAMSum on 50 (its interval is ±0.03), perplexity on 100 texts. Resumable: run it again after an interruption. Records go
-# to docs/lifelong/runs/, the report to docs/lifelong/.
+# examples, SAMSum on 50 (its interval is ±0.03), perplexity on 100 texts. `rome` / `rome-every` are
+# the paper's own setting: ROME single edits to 500 (none and once in one pass; every 10), checkpoints
+# every 100. Resumable: run it again after an interruption. Records go to docs/lifelong/runs/, the
+# report to docs/lifelong/ (ROME's to docs/lifelong/rome/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/run_records.sh
@@ -14,15 +16,29 @@ COMMON=(--data "$DATA/counterfact/counterfact-edit.json" --num-edits "${NUM_EDIT
         --restrain log --alpha 1.2 --eval-every 200 --eval-edits 400 --live
         --tasks rte,samsum,perplexity --limit rte=400,samsum=50,perplexity=100 --corpus "$DATA/tasks/nq-open.jsonl")
 P=.venv/bin/prune-ext
-pass() { OMP_NUM_THREADS=${THREADS:-1} "$P" run "${COMMON[@]}" "$@"; }
+pass() {
+  local args=("${COMMON[@]}")
+  if [ -n "${ROME:-}" ]; then  # single edits, 500 of them by default, checkpoints every 100
+    args=(--data "$DATA/counterfact/counterfact-edit.json" --num-edits "${NUM_EDITS:-500}" --batch-size 1
+          --restrain log --alpha 1.2 --eval-every 100 --eval-edits 400 --live
+          --tasks rte,samsum,perplexity --limit rte=400,samsum=50,perplexity=100 --corpus "$DATA/tasks/nq-open.jsonl")
+  fi
+  OMP_NUM_THREADS=${THREADS:-1} "$P" run "${args[@]}" "$@"
+}
 case "${1:-all}" in
   alphaedit) pass --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
   memit)     pass --editor memit --out runs/lifelong-memit-prune --unrestrained-out runs/lifelong-memit ;;
+  # the paper's own setting (its Table 6 scale): ROME single edits to 500, checkpoints every 100
+  rome)       ROME=1 pass --editor rome --out runs/lifelong-rome-prune --unrestrained-out runs/lifelong-rome ;;
+  rome-every) ROME=1 pass --editor rome --every 10 --out runs/lifelong-rome-every10 ;;
   report)
     RUNS=(lifelong-memit lifelong-memit-prune lifelong-alphaedit lifelong-alphaedit-prune)
-    copy_records docs/lifelong/runs "${RUNS[@]}"
+    copy_records docs/lifelong/runs "${RUNS[@]}" lifelong-rome lifelong-rome-prune lifelong-rome-every10
     have=(); for r in "${RUNS[@]}"; do [ -d "docs/lifelong/runs/$r" ] && have+=("docs/lifelong/runs/$r"); done
-    "$P" report "${have[@]}" --out docs/lifelong ;;
+    "$P" report "${have[@]}" --out docs/lifelong
+    rome=(); for r in lifelong-rome lifelong-rome-prune lifelong-rome-every10; do
+      [ -d "docs/lifelong/runs/$r" ] && rome+=("docs/lifelong/runs/$r"); done
+    if [ ${#rome[@]} -gt 0 ]; then "$P" report "${rome[@]}" --out docs/lifelong/rome; fi ;;
   all) for p in alphaedit memit report; do "$0" "$p"; done ;;
-  *) echo "usage: $0 [alphaedit|memit|report|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [alphaedit|memit|rome|rome-every|report|all]" >&2; exit 2 ;;
 esac
