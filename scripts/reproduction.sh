@@ -21,7 +21,8 @@ case "${1:-all}" in
     copy_records docs/reproduction/runs rome-prune rome-plain rome-every25 memit-prune memit-plain memit-every25
     R=docs/reproduction/runs
     "$P" report $R/rome-prune $R/rome-plain $R/rome-every25 --out docs/reproduction/rome
-    if ls -d $R/memit-* >/dev/null 2>&1; then "$P" report $R/memit-* --out docs/reproduction/memit; fi ;;
+    memit=(); for r in memit-prune memit-plain memit-every25; do [ -d "$R/$r" ] && memit+=("$R/$r"); done
+    if [ ${#memit[@]} -gt 0 ]; then "$P" report "${memit[@]}" --out docs/reproduction/memit; fi ;;
   all) for p in rome-once rome-every memit-once memit-every report; do "$0" "$p"; done ;;
   *) echo "usage: $0 [rome-once|rome-every|memit-once|memit-every|report|all]" >&2; exit 2 ;;
 esac
