@@ -12,33 +12,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/run_records.sh
 DATA=${PRUNE_EXT_DATA:-../shared/data}
-COMMON=(--data "$DATA/counterfact/counterfact-edit.json" --num-edits "${NUM_EDITS:-1000}" --batch-size 100 --mpes
-        --restrain log --alpha 1.2 --eval-every 200 --eval-edits 400 --live
+SHARED=(--data "$DATA/counterfact/counterfact-edit.json" --restrain log --alpha 1.2 --eval-edits 400 --live
         --tasks rte,samsum,perplexity --limit rte=400,samsum=50,perplexity=100 --corpus "$DATA/tasks/nq-open.jsonl")
-P=.venv/bin/prune-ext
-pass() {
-  local args=("${COMMON[@]}")
-  if [ -n "${ROME:-}" ]; then  # single edits, 500 of them by default, checkpoints every 100
-    args=(--data "$DATA/counterfact/counterfact-edit.json" --num-edits "${NUM_EDITS:-500}" --batch-size 1
-          --restrain log --alpha 1.2 --eval-every 100 --eval-edits 400 --live
-          --tasks rte,samsum,perplexity --limit rte=400,samsum=50,perplexity=100 --corpus "$DATA/tasks/nq-open.jsonl")
-  fi
-  OMP_NUM_THREADS=${THREADS:-1} "$P" run "${args[@]}" "$@"
-}
+BATCHES=(--num-edits "${NUM_EDITS:-1000}" --batch-size 100 --mpes --eval-every 200)
+SINGLE=(--num-edits "${NUM_EDITS:-500}" --eval-every 100)  # ROME: single edits, checkpoints every 100
+pass() { OMP_NUM_THREADS=${THREADS:-1} .venv/bin/prune-ext run "${SHARED[@]}" "$@"; }
+BATCHED_RUNS=(lifelong-memit lifelong-memit-prune lifelong-alphaedit lifelong-alphaedit-prune)
+ROME_RUNS=(lifelong-rome lifelong-rome-prune lifelong-rome-every10)
 case "${1:-all}" in
-  alphaedit) pass --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
-  memit)     pass --editor memit --out runs/lifelong-memit-prune --unrestrained-out runs/lifelong-memit ;;
-  # the paper's own setting (its Table 6 scale): ROME single edits to 500, checkpoints every 100
-  rome)       ROME=1 pass --editor rome --out runs/lifelong-rome-prune --unrestrained-out runs/lifelong-rome ;;
-  rome-every) ROME=1 pass --editor rome --every 10 --out runs/lifelong-rome-every10 ;;
+  alphaedit) pass "${BATCHES[@]}" --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
+  memit)     pass "${BATCHES[@]}" --editor memit --out runs/lifelong-memit-prune --unrestrained-out runs/lifelong-memit ;;
+  # the paper's own setting (its Table 6 scale): ROME single edits to 500
+  rome)       pass "${SINGLE[@]}" --editor rome --out runs/lifelong-rome-prune --unrestrained-out runs/lifelong-rome ;;
+  rome-every) pass "${SINGLE[@]}" --editor rome --every 10 --out runs/lifelong-rome-every10 ;;
   report)
-    RUNS=(lifelong-memit lifelong-memit-prune lifelong-alphaedit lifelong-alphaedit-prune)
-    copy_records docs/lifelong/runs "${RUNS[@]}" lifelong-rome lifelong-rome-prune lifelong-rome-every10
-    have=(); for r in "${RUNS[@]}"; do [ -d "docs/lifelong/runs/$r" ] && have+=("docs/lifelong/runs/$r"); done
-    "$P" report "${have[@]}" --out docs/lifelong
-    rome=(); for r in lifelong-rome lifelong-rome-prune lifelong-rome-every10; do
-      [ -d "docs/lifelong/runs/$r" ] && rome+=("docs/lifelong/runs/$r"); done
-    if [ ${#rome[@]} -gt 0 ]; then "$P" report "${rome[@]}" --out docs/lifelong/rome; fi ;;
+    copy_records docs/lifelong/runs "${BATCHED_RUNS[@]}" "${ROME_RUNS[@]}"
+    report_records docs/lifelong docs/lifelong/runs "${BATCHED_RUNS[@]}"
+    report_records docs/lifelong/rome docs/lifelong/runs "${ROME_RUNS[@]}" ;;
   all) for p in alphaedit memit report; do "$0" "$p"; done ;;
   *) echo "usage: $0 [alphaedit|memit|rome|rome-every|report|all]" >&2; exit 2 ;;
 esac

@@ -19,10 +19,8 @@ case "${1:-all}" in
   memit-every)  pass --editor memit --batch-size 10 --every 25 --out runs/memit-every25 ;;
   report)
     copy_records docs/reproduction/runs rome-prune rome-plain rome-every25 memit-prune memit-plain memit-every25
-    R=docs/reproduction/runs
-    "$P" report $R/rome-prune $R/rome-plain $R/rome-every25 --out docs/reproduction/rome
-    memit=(); for r in memit-prune memit-plain memit-every25; do [ -d "$R/$r" ] && memit+=("$R/$r"); done
-    if [ ${#memit[@]} -gt 0 ]; then "$P" report "${memit[@]}" --out docs/reproduction/memit; fi ;;
+    report_records docs/reproduction/rome docs/reproduction/runs rome-prune rome-plain rome-every25
+    report_records docs/reproduction/memit docs/reproduction/runs memit-prune memit-plain memit-every25 ;;
   all) for p in rome-once rome-every memit-once memit-every report; do "$0" "$p"; done ;;
   *) echo "usage: $0 [rome-once|rome-every|memit-once|memit-every|report|all]" >&2; exit 2 ;;
 esac

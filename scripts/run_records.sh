@@ -11,3 +11,14 @@ copy_records() {
     if [ -f "runs/$run/results.json" ]; then cp "runs/$run/results.json" "$dest/$run/"; fi
   done
 }
+
+# report_records OUT DEST RUN...: `prune-ext report` of those runs that DEST holds, drawn into OUT
+# (nothing when it holds none of them).
+report_records() {
+  local out=$1 dest=$2 run have=()
+  shift 2
+  for run in "$@"; do
+    if [ -d "$dest/$run" ]; then have+=("$dest/$run"); fi
+  done
+  if [ ${#have[@]} -gt 0 ]; then .venv/bin/prune-ext report "${have[@]}" --out "$out"; fi
+}
