@@ -40,6 +40,7 @@ TORCH_LIBRARY(prune_ext, m) {
   m.def("spectral_norm(Tensor W, float rtol, int max_iters, int seed) -> Tensor");
   // Internal building blocks of the algorithms (csrc/restrain.h), one kernel per backend.
   m.def("_sketch(Tensor like, int rows, int cols, int seed, int offset) -> Tensor");
+  m.def("_fold_sketch(Tensor A, int cols, int seed, int offset) -> Tensor");
   m.def("_small_svd(Tensor T) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_summarize_rounds(Tensor s, Tensor resid_sq, Tensor frob, float[] thresholds, float band_factor, int fn, "

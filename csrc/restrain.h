@@ -44,6 +44,9 @@ void check_sketch_args(int64_t rank, int64_t oversample, int64_t power_iters, in
 //   _summarize_rounds(s, resid_sq, frob, thresholds, band_factor, fn, param, power_iters):
 //       summarize_round (restrain_math.h) per matrix → before, after, coeff (L, l) and stats (L, kNumStats).
 at::Tensor sketch(const at::Tensor& like, int64_t rows, int64_t cols, int64_t seed, int64_t offset);
+// _fold_sketch(A, cols, seed, offset): A S for the fold sketch S (n × cols) of fold_rotation in
+// restrain_math.h, its signs the sketch entries offset, …, offset + n − 1 (device-generic: ATen calls).
+at::Tensor fold_sketch(const at::Tensor& A, int64_t cols, int64_t seed, int64_t offset);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& T);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(
     const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,

@@ -75,6 +75,16 @@ C10_HOST_DEVICE inline void sketch_entries(uint64_t seed, uint64_t offset, int64
   }
 }
 
+// The fold sketch S (n × c) of one round: column i of ΔW, in block f = ⌊i / c⌋ at position q = i − f c,
+// enters column (q + o_f) mod c of ΔW S with the sign of sketch entry offset + i, where o_f is this
+// block's rotation below (a stream of its own, addressed by offset + f: one round's offsets are at
+// least n apart, so no two rounds share a rotation). Columns in one block never collide; columns in
+// two blocks collide with probability 1/c, as in a CountSketch.
+C10_HOST_DEVICE inline int64_t fold_rotation(uint64_t seed, uint64_t offset, int64_t block, int64_t cols) {
+  return static_cast<int64_t>(splitmix64(~seed ^ splitmix64(offset + static_cast<uint64_t>(block))) %
+                              static_cast<uint64_t>(cols));
+}
+
 // Everything one round of the randomized restraint decides from the Ritz values s[0..l) (descending) of
 // ΔW on the explored subspace, the squared residual ‖ΔW − QQᵀΔW‖_F² and ‖ΔW‖_F, written without a host
 // round trip: before/after (σ and F(σ), equal at or below the threshold), the correction coefficients

@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "../restrain.h"
 #include "../restrain_math.h"
@@ -38,6 +40,39 @@ at::Tensor sketch_cpu(const at::Tensor& like, int64_t rows, int64_t cols, int64_
     });
   });
   return out;
+}
+
+// The fold sketch (restrain.h) for a row-major A in one read of it: each row of A adds into its row of
+// Y, block by block, in contiguous pieces the compiler vectorises. At 4096 × 11008 it takes 31 ms for 64
+// columns where the ATen composition of restrain.cpp (which other layouts and CUDA use) takes 50 ms, one
+// ATen call per piece being what costs there; from ~160 columns on the two are level (~25 ms).
+at::Tensor fold_sketch_cpu(const at::Tensor& A, int64_t cols, int64_t seed, int64_t offset) {
+  if (A.dim() != 2 || A.stride(1) != 1 || A.size(0) == 0 || A.size(1) == 0 || cols <= 0)
+    return fold_sketch(A, cols, seed, offset);
+  const int64_t m = A.size(0), n = A.size(1), lda = A.stride(0);
+  at::Tensor Y = at::zeros({m, cols}, A.options());
+  std::vector<int64_t> rotation;
+  for (int64_t f0 = 0, f = 0; f0 < n; f0 += cols, ++f)
+    rotation.push_back(fold_rotation(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), f, cols));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "fold_sketch_cpu", [&] {
+    std::vector<scalar_t> signs(n);
+    sketch_entries(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n, signs.data());
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    scalar_t* y = Y.data_ptr<scalar_t>();
+    at::parallel_for(0, m, std::max<int64_t>(1, (1 << 16) / n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict__ ar = a + r * lda;
+        const scalar_t* __restrict__ sg = signs.data();
+        scalar_t* __restrict__ yr = y + r * cols;
+        for (int64_t f0 = 0, f = 0; f0 < n; f0 += cols, ++f) {
+          const int64_t w = std::min(cols, n - f0), o = rotation[f], w1 = std::min(w, cols - o);
+          for (int64_t q = 0; q < w1; ++q) yr[o + q] += sg[f0 + q] * ar[f0 + q];
+          for (int64_t q = w1; q < w; ++q) yr[q - w1] += sg[f0 + q] * ar[f0 + q];
+        }
+      }
+    });
+  });
+  return Y;
 }
 
 // LAPACK's SVD raises on a failure with finite input. A matrix with NaN or Inf gets NaN results and a
@@ -83,6 +118,7 @@ TORCH_LIBRARY_IMPL(prune_ext, CPU, m) {
   m.impl("factored_svd", &factored_svd);
   m.impl("spectral_norm", &spectral_norm);
   m.impl("_sketch", &sketch_cpu);
+  m.impl("_fold_sketch", &fold_sketch_cpu);
   m.impl("_small_svd", &small_svd_cpu);
   m.impl("_summarize_rounds", &summarize_rounds_cpu);
 }

@@ -391,6 +391,7 @@ TORCH_LIBRARY_IMPL(prune_ext, CUDA, m) {
   m.impl("spectral_norm", &cuda::spectral_norm_cuda);
   m.impl("restrain_gesvdr_", &cuda::restrain_gesvdr_cuda);
   m.impl("_sketch", &cuda::sketch_cuda);
+  m.impl("_fold_sketch", &fold_sketch);
   m.impl("_small_svd", &cuda::small_svd_cuda);
   m.impl("_summarize_rounds", &cuda::summarize_rounds_cuda);
 }
