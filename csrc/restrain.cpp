@@ -79,6 +79,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, con
 // ΔW concentrated on a few columns that collide only costs another round, since the certificate is
 // checked whatever the sketch. This composition serves CUDA and non-row-major CPU matrices (rows in
 // blocks whose slice of Y stays in cache); row-major CPU matrices have a kernel of their own.
+std::vector<int64_t> fold_rotations(int64_t n, int64_t cols, int64_t seed, int64_t offset) {
+  std::vector<int64_t> rotation;
+  for (int64_t f0 = 0, f = 0; f0 < n; f0 += cols, ++f)
+    rotation.push_back(fold_rotation(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), f, cols));
+  return rotation;
+}
+
 constexpr int64_t kFoldBlockElems = 1 << 18;
 Tensor fold_sketch(const Tensor& A, int64_t cols, int64_t seed, int64_t offset) {
   TORCH_CHECK_VALUE(A.dim() == 2 && cols > 0, "prune_ext: fold_sketch needs a matrix and cols > 0");
@@ -86,9 +93,7 @@ Tensor fold_sketch(const Tensor& A, int64_t cols, int64_t seed, int64_t offset) 
   Tensor Y = at::zeros({m, cols}, A.options());
   if (m == 0 || n == 0) return Y;
   const Tensor signs = sketch(A, 1, n, seed, offset);
-  std::vector<int64_t> rotation;
-  for (int64_t f0 = 0, f = 0; f0 < n; f0 += cols, ++f)
-    rotation.push_back(fold_rotation(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), f, cols));
+  const std::vector<int64_t> rotation = fold_rotations(n, cols, seed, offset);
   const int64_t rows = A.is_cpu() ? std::max<int64_t>(1, kFoldBlockElems / cols) : m;
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t nr = std::min(rows, m - r0);

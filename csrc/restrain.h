@@ -47,6 +47,9 @@ at::Tensor sketch(const at::Tensor& like, int64_t rows, int64_t cols, int64_t se
 // _fold_sketch(A, cols, seed, offset): A S for the fold sketch S (n × cols) of fold_rotation in
 // restrain_math.h, its signs the sketch entries offset, …, offset + n − 1 (device-generic: ATen calls).
 at::Tensor fold_sketch(const at::Tensor& A, int64_t cols, int64_t seed, int64_t offset);
+// The rotations o_f of that fold's ⌈n / cols⌉ blocks (host values: they choose which columns an ATen call
+// or a loop adds where), shared by every kernel of _fold_sketch.
+std::vector<int64_t> fold_rotations(int64_t n, int64_t cols, int64_t seed, int64_t offset);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& T);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(
     const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,

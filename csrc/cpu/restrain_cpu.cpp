@@ -51,9 +51,7 @@ at::Tensor fold_sketch_cpu(const at::Tensor& A, int64_t cols, int64_t seed, int6
     return fold_sketch(A, cols, seed, offset);
   const int64_t m = A.size(0), n = A.size(1), lda = A.stride(0);
   at::Tensor Y = at::zeros({m, cols}, A.options());
-  std::vector<int64_t> rotation;
-  for (int64_t f0 = 0, f = 0; f0 < n; f0 += cols, ++f)
-    rotation.push_back(fold_rotation(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), f, cols));
+  const std::vector<int64_t> rotation = fold_rotations(n, cols, seed, offset);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "fold_sketch_cpu", [&] {
     std::vector<scalar_t> signs(n);
     sketch_entries(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n, signs.data());
