@@ -241,7 +241,8 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
   std::vector<double> thresholds;
   for (Job* j : js) {
     Bts.push_back(j->B.t());
-    j->row_sq = at::linalg_vector_norm(j->B, 2, {1}, false, at::kDouble).square();
+    // (only the adaptive search reads them: the fixed-rank mode never looks at a round)
+    if (!c.fixed()) j->row_sq = at::linalg_vector_norm(j->B, 2, {1}, false, at::kDouble).square();
     const double hopeless = c.fixed() ? -1 : uncertifiable_energy(*j);
     if (hopeless >= 0) {
       resid.push_back(at::full({}, hopeless, j->frob.options()));
