@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .io import append_jsonl, atomic_write, atomic_write_text, read_json, read_jsonl, write_json
+from .io import append_jsonl, atomic_write, atomic_write_text, json_text, read_json, read_jsonl, write_json
 from .session import EditingSession, diagnostics_as_dict
 
 
@@ -215,7 +214,7 @@ class _Trace:
                 # a longer (or, before it got there, shorter) run of the same requests: go on from here
                 for row in rows:
                     row["final"] = False
-                atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+                atomic_write_text(self.path, "".join(json_text(row) + "\n" for row in rows))
                 (self.folder / "results.json").unlink(missing_ok=True)
                 write_json(config_path, settings)
             self.done = {row["edits"] for row in rows}

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .io import write_json
+
 __all__ = [
     "EXPORT_INFO",
     "RUN_WEIGHTS",
@@ -156,7 +158,7 @@ def _atomic_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
 def _write_info(folder: Path, run: str | os.PathLike[str], config: dict[str, Any], restrained: bool,
                 **extra: Any) -> None:
     info = {"run": str(run), "model": config["model"], "restrained": restrained, **extra}
-    (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(folder / EXPORT_INFO, info)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,11 +5,16 @@ goes through :func:`atomic_write`: a temporary file in the same folder, flushed 
 over the target, then the folder fsynced, so a kill at any moment leaves either the old file or the
 new one, never a mix. Appending a line to a trace is done by rewriting it the same way (traces are
 small); :func:`read_jsonl` drops a torn last line, with one warning, for files written by others.
+
+Every JSON file the package writes is strict JSON (RFC 8259): a NaN or ±Inf float (a score not
+computed, κ of a singular matrix) is written as ``null`` by :func:`json_text`, the one encoder, so
+``jq``, browsers and ``json.loads(..., parse_constant=...)`` read every file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -19,7 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
-    "append_jsonl", "atomic_write", "atomic_write_text", "atomic_write_with", "read_json", "read_jsonl", "write_json",
+    "append_jsonl", "atomic_write", "atomic_write_text", "atomic_write_with", "json_text", "read_json", "read_jsonl",
+    "strict_json", "write_json",
 ]
 
 
@@ -79,9 +85,26 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
     return Path(path)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by ``None``, recursively through dicts,
+    lists and tuples (tuples become lists); other values unchanged."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, *, indent: int | None = None) -> str:
+    """``obj`` as strict JSON text: NaN and ±Inf become ``null`` (see the module docstring)."""
+    return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``obj`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """``obj`` as indented strict JSON (NaN, ±Inf → ``null``), atomically."""
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -112,10 +135,10 @@ def read_jsonl(path: str | os.PathLike[str], *, warn_torn: bool = True) -> list[
 
 
 def append_jsonl(path: str | os.PathLike[str], record: Any) -> None:
-    """Add one record to a JSON-lines file, atomically (the whole file is rewritten: traces are
-    small, and a kill mid-write must not leave a torn line)."""
+    """Add one record (strict JSON, as :func:`json_text`) to a JSON-lines file, atomically (the whole
+    file is rewritten: traces are small, and a kill mid-write must not leave a torn line)."""
     target = Path(path)
     old = target.read_text(encoding="utf-8") if target.exists() else ""
     if old and not old.endswith("\n"):  # a torn line from an older writer
         old = "".join(line + "\n" for line in old.splitlines()[:-1])
-    atomic_write_text(target, old + json.dumps(record) + "\n")
+    atomic_write_text(target, old + json_text(record) + "\n")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import restraint
+from .io import write_json
 
 __all__ = [
     "INDEX_NAME",
@@ -85,6 +86,8 @@ class MatrixReport:
 
 
 def _check_fn(fn: str, alpha: float, beta: float) -> None:
+    if fn not in ("log", "linear"):
+        raise PosthocError(f"restrain must be 'log' or 'linear', got {fn!r}")
     try:
         restraint._fn_args(fn, alpha, beta)
     except (TypeError, ValueError) as exc:
@@ -148,10 +151,10 @@ def _tensors(obj: nn.Module | Mapping[str, torch.Tensor], what: str) -> Mapping[
 
 
 def restrain_model(
-    edited: nn.Module | MutableMapping[str, torch.Tensor],
     base: nn.Module | Mapping[str, torch.Tensor],
+    edited: nn.Module | MutableMapping[str, torch.Tensor],
     *,
-    fn: str = "log",
+    restrain: str = "log",
     alpha: float = 1.2,
     beta: float = 2.0,
     modules: str | Sequence[str] | None = None,
@@ -159,15 +162,17 @@ def restrain_model(
 ) -> list[MatrixReport]:
     """Restrain ``edited`` against ``base`` in place; returns one report per changed matrix.
 
+    The same argument order and names as :func:`restrain_folder`: the base model first.
+
     Every 2-D floating-point tensor of ``edited`` that differs from ``base`` (and whose name matches
     one of the ``modules`` globs, e.g. ``"*.mlp.down_proj.weight"``; default all) becomes
-    W_base + restrained (W_edited − W_base), with PRUNE's F (``fn`` ``"log"`` with ``alpha`` or
+    W_base + restrained (W_edited − W_base), with PRUNE's F (``restrain`` ``"log"`` with ``alpha`` or
     ``"linear"`` with ``beta``) and the threshold σmax(W_base). Arithmetic is float32 (float64 if
     either weight is float64); the result keeps ``edited``'s dtype. Tied weights are restrained
     once. Raises :class:`PosthocError` if the two do not have the same tensors and shapes, or if a
     ΔW holds NaN or Inf (checked before anything is written: nothing changes then).
     """
-    _check_fn(fn, alpha, beta)
+    _check_fn(restrain, alpha, beta)
     globs = _globs(modules)
     ed, bs = _tensors(edited, "edited"), _tensors(base, "base")
     _check_same_layout({k: (str(v.dtype), tuple(v.shape)) for k, v in ed.items()},
@@ -184,7 +189,7 @@ def restrain_model(
         raise PosthocError(f"--modules {','.join(globs)} matches no 2-D weight")
     results = []
     for name in todo:  # all results first, so that a NaN found late leaves the model untouched
-        results.append(_restrain_matrix(name, ed[name], bs[name].to(ed[name].device), fn=fn, alpha=alpha,
+        results.append(_restrain_matrix(name, ed[name], bs[name].to(ed[name].device), fn=restrain, alpha=alpha,
                                         beta=beta, seed=seed))
     with torch.no_grad():
         for name, (new, _) in zip(todo, results):
@@ -317,7 +322,7 @@ def restrain_folder(
     edited: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    fn: str = "log",
+    restrain: str = "log",
     alpha: float = 1.2,
     beta: float = 2.0,
     modules: str | Sequence[str] | None = None,
@@ -333,7 +338,7 @@ def restrain_folder(
     input (missing files, different tensors, shapes or dtypes, NaN/Inf in a ΔW, ``out`` equal to
     an input or already there) raises :class:`PosthocError` and writes nothing.
     """
-    _check_fn(fn, alpha, beta)
+    _check_fn(restrain, alpha, beta)
     globs = _globs(modules)
     out_path = Path(out)
     b, e = _Checkpoint(base, "base"), _Checkpoint(edited, "edited")
@@ -372,18 +377,18 @@ def restrain_folder(
                 w_edit, w_base = e.tensor(name), b.tensor(name)
                 if torch.equal(w_edit, w_base):  # other bytes, same values (-0.0 and 0.0)
                     continue
-                new, report = _restrain_matrix(name, w_edit, w_base, fn=fn, alpha=alpha, beta=beta, seed=seed)
+                new, report = _restrain_matrix(name, w_edit, w_base, fn=restrain, alpha=alpha, beta=beta, seed=seed)
                 reports.append(report)
                 say(_row(report))
                 if new is not w_edit:
                     _write_at(tmp / shard, entry.begin, new)
                 del w_edit, w_base, new
         summary = {
-            "base": str(b.folder), "edited": str(e.folder), "fn": fn, "alpha": alpha, "beta": beta,
+            "base": str(b.folder), "edited": str(e.folder), "restrain": restrain, "alpha": alpha, "beta": beta,
             "modules": globs, "matrices": [r.as_dict() for r in reports],
             "other_changed": other_changed,  # differing tensors that are not 2-D weights: copied as edited
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(tmp / REPORT_NAME, summary)
         _fsync_tree(tmp)
         os.rename(tmp, out_path)
     except BaseException:

@@ -111,7 +111,7 @@ class EditRun:
             model,
             tok,
             self.requests,
-            method=method,
+            editor=method,
             hparams=TINY_HPARAMS,
             cov_cache_dir=cache,
             progress=False,
@@ -236,10 +236,12 @@ def test_bfloat16_model(gpt2_tokenizer: Any, tmp_path: Path) -> None:
     assert new > true
 
 
-def test_bad_method_and_hparams(gpt2_tokenizer: Any) -> None:
+def test_bad_editor_and_hparams(gpt2_tokenizer: Any) -> None:
     model = tiny_model("gpt2", gpt2_tokenizer)
-    with pytest.raises(ValueError, match="method"):
-        apply_edits(model, gpt2_tokenizer, REQUESTS[:1], method="ft")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="editor must be one of"):
+        apply_edits(model, gpt2_tokenizer, REQUESTS[:1], editor="ft")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # the old keyword is gone: one vocabulary (editor=, as EditingSession)
+        apply_edits(model, gpt2_tokenizer, REQUESTS[:1], method="rome")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="MemitHyperParams"):
         apply_edits(model, gpt2_tokenizer, REQUESTS[:1], "memit", RomeHyperParams.for_model(model))
 

@@ -53,7 +53,7 @@ def _edited_pair(tok, arch: str, dtype=torch.float32):
 def test_restrain_model_matches_the_reference(tok):
     base, edited, names, norm = _edited_pair(tok, "llama")
     sd = {k: v.clone() for k, v in edited.state_dict().items()}
-    reports = restrain_model(sd, base.state_dict(), alpha=1.5)
+    reports = restrain_model(base.state_dict(), sd, alpha=1.5)
     assert [r.name for r in reports] == names
     base_sd = base.state_dict()
     for r in reports:
@@ -67,12 +67,12 @@ def test_restrain_model_matches_the_reference(tok):
             assert torch.equal(v, edited.state_dict()[k])
     assert not torch.equal(sd[norm], base_sd[norm])
     # on a module, in place; the glob picks one matrix
-    reports = restrain_model(edited, base, alpha=1.5, modules="*layers.2.*")
+    reports = restrain_model(base, edited, alpha=1.5, modules="*layers.2.*")
     assert [r.name for r in reports] == names[1:]
     torch.testing.assert_close(edited.state_dict()[names[1]], sd[names[1]], rtol=0, atol=1e-6)
     # a ΔW within σ_W is reported and left bit for bit
     small = {"w": base_sd[names[0]] + 1e-3}
-    assert restrain_model(small, {"w": base_sd[names[0]]})[0].values_above == 0
+    assert restrain_model({"w": base_sd[names[0]]}, small)[0].values_above == 0
     assert torch.equal(small["w"], base_sd[names[0]] + 1e-3)
 
 
@@ -82,7 +82,7 @@ def test_restrain_model_rejects_nan_and_leaves_the_model_alone(tok):
     sd[names[1]][0, 0] = float("nan")
     before = {k: v.clone() for k, v in sd.items()}
     with pytest.raises(PosthocError, match="NaN or Inf"):
-        restrain_model(sd, base.state_dict())
+        restrain_model(base.state_dict(), sd)
     assert all(torch.equal(sd[k], before[k]) or k == names[1] for k in sd)
     assert torch.equal(sd[names[0]], before[names[0]])  # the first (valid) matrix was not written either
 
@@ -116,7 +116,7 @@ def test_folders_keep_layout_and_dtype(tok, tmp_path, capsys, arch, dtype, shard
         assert (out / INDEX_NAME).read_bytes() == (e / INDEX_NAME).read_bytes()
         assert len(list(out.glob("*.safetensors"))) > 1
     got, want = _load_tensors(out), {k: v.clone() for k, v in edited.state_dict().items() if k in _load_tensors(e)}
-    restrain_model(want, base.state_dict(), alpha=1.5)
+    restrain_model(base.state_dict(), want, alpha=1.5)
     assert set(got) == set(want)
     for k in got:
         assert got[k].dtype == dtype

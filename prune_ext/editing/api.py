@@ -27,7 +27,7 @@ EDITORS: dict[str, type[Editor]] = {}
 
 
 def register_editor(cls: type[Editor]) -> type[Editor]:
-    """Make ``cls`` available as ``method=cls.name`` (usable as a class decorator)."""
+    """Make ``cls`` available as ``editor=cls.name`` (usable as a class decorator)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     EDITORS[cls.name] = cls
@@ -41,33 +41,33 @@ for _cls in (Rome, Memit, AlphaEdit, Mend):
 def make_editor(
     model: nn.Module,
     tokenizer: Any,
-    method: str = "rome",
+    editor: str = "rome",
     hparams: Any = None,
     *,
     cov_cache_dir: str | os.PathLike[str] | None = None,
     corpus: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Editor:
-    """The editor registered as ``method``; ``hparams`` is its hyper-parameter object, a dict of
+    """The editor registered as ``editor``; ``hparams`` is its hyper-parameter object, a dict of
     overrides of the model's defaults, or the path of a JSON/YAML file of them (an EasyEdit
     ROME/MEMIT/AlphaEdit file is recognised by its ``alg_name``: :mod:`prune_ext.editing.easyedit`)."""
     if isinstance(hparams, (str, os.PathLike)):
         from .hparams import read_hparams_file
 
-        hparams = read_hparams_file(hparams, method, model=model)
-    if method not in EDITORS:
-        raise ValueError(f"method must be one of {', '.join(sorted(EDITORS))}, got {method!r}")
-    cls = EDITORS[method]
+        hparams = read_hparams_file(hparams, editor, model=model)
+    if editor not in EDITORS:
+        raise ValueError(f"editor must be one of {', '.join(sorted(EDITORS))}, got {editor!r}")
+    cls = EDITORS[editor]
     hp_cls = cls.hparams_class
     if hparams is None or isinstance(hparams, Mapping):
         try:
             hp = hp_cls.for_model(model, **dict(hparams or {}))
         except TypeError as exc:  # an unknown field: name it
-            raise ValueError(f"bad hparams for {method}: {exc}") from None
+            raise ValueError(f"bad hparams for {editor}: {exc}") from None
     elif type(hparams) is hp_cls:
         hp = hparams
     else:
-        raise TypeError(f"method {method!r} needs {hp_cls.__name__}, got {type(hparams).__name__}")
+        raise TypeError(f"editor {editor!r} needs {hp_cls.__name__}, got {type(hparams).__name__}")
     return cls(model, tokenizer, hp, corpus=corpus, cache_dir=cov_cache_dir, progress=progress)
 
 
@@ -75,7 +75,7 @@ def apply_edits(
     model: nn.Module,
     tokenizer: Any,
     requests: Iterable[Request] | Request,
-    method: str = "rome",
+    editor: str = "rome",
     hparams: Any = None,
     *,
     cov_cache_dir: str | os.PathLike[str] | None = None,
@@ -94,14 +94,14 @@ def apply_edits(
     ``$PRUNE_EXT_CACHE`` or ``~/.cache/prune_ext``). No PRUNE here: for that, and for sequential
     runs with records, use :class:`prune_ext.session.EditingSession`.
     """
-    editor = make_editor(
-        model, tokenizer, method, hparams, cov_cache_dir=cov_cache_dir, corpus=corpus, progress=progress
+    editing = make_editor(
+        model, tokenizer, editor, hparams, cov_cache_dir=cov_cache_dir, corpus=corpus, progress=progress
     )
     updates: list[LowRankUpdate] = []
-    steps = editor.steps(requests, batch_size)
-    for step in tqdm(steps, desc=f"{method} edits", unit="batch" if editor.batched else "edit",
+    steps = editing.steps(requests, batch_size)
+    for step in tqdm(steps, desc=f"{editor} edits", unit="batch" if editing.batched else "edit",
                      disable=not progress):
-        for update in editor.compute(step):
+        for update in editing.compute(step):
             apply_update(model, update)
             updates.append(update)
     return updates
