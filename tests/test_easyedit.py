@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import tiny_model
 
 from prune_ext.cli import main
 from prune_ext.editing import AlphaEditHyperParams, MemitHyperParams, RomeHyperParams, make_editor
-from prune_ext.editing.easyedit import CHECKED, FIELD_MAP, IGNORED, HParamsError, read_easyedit_hparams
+from prune_ext.editing.easyedit import (
+    CHECKED,
+    FIELD_MAP,
+    IGNORED,
+    PLACEMENT,
+    HParamsError,
+    easyedit_settings,
+    read_easyedit_hparams,
+)
 
 # modelled on EasyEdit's hparams/ROME/llama-7b.yaml, hparams/MEMIT/gpt2-xl.yaml, hparams/AlphaEdit/llama3-8b.yaml,
 # with the layers and depth of the tiny test models (4 layers)
@@ -122,7 +132,8 @@ def test_rome_file(tmp_path, tok, llama):
         "mom2_n_samples": 100000, "context_lengths": [[5, 10], [10, 10]],
     }
     assert json.loads(json.dumps(hp)) == hp  # survives a run's config.json unchanged
-    editor = make_editor(llama, tok, "rome", _yaml(tmp_path, ROME_LLAMA), progress=False)  # a path as hparams=
+    with pytest.warns(UserWarning, match="device cuda:0 ignored: the model given is on cpu"):  # never silent
+        editor = make_editor(llama, tok, "rome", _yaml(tmp_path, ROME_LLAMA), progress=False)  # a path as hparams=
     assert isinstance(editor.hparams, RomeHyperParams)
     assert editor.hparams.layer == 2 and editor.hparams.v_lr == 0.5 and not editor.hparams.mom2_adjustment
     assert editor.hparams.module_name == "model.layers.2.mlp.down_proj"
@@ -130,7 +141,8 @@ def test_rome_file(tmp_path, tok, llama):
 
 def test_memit_and_alphaedit_files(tmp_path, tok):
     model = tiny_model("gpt2", tok)
-    method, hp = read_easyedit_hparams(_yaml(tmp_path, MEMIT_GPT2), model=model)
+    with pytest.warns(UserWarning, match="device cuda:0 ignored"):
+        method, hp = read_easyedit_hparams(_yaml(tmp_path, MEMIT_GPT2), model=model)
     assert method == "memit"
     assert hp["layers"] == [1, 2, 3] and hp["block_template"] == "transformer.h.{}"
     assert hp["mom2_update_weight"] == 20000.0 and hp["clamp_norm_factor"] == 0.75 and hp["v_weight_decay"] == 0.5
@@ -155,7 +167,7 @@ def test_every_easyedit_field_is_mapped_checked_or_ignored():
     memit = (rome - {"context_template_length_params", "fp16"}) | {"layer_selection", "mom2_update_weight"}
     alpha = memit | {"nullspace_threshold", "L2", "P_loc"}
     for method, fields in (("rome", rome), ("memit", memit), ("alphaedit", alpha)):
-        known = set(FIELD_MAP[method]) | set(CHECKED) | set(IGNORED)
+        known = set(FIELD_MAP[method]) | set(CHECKED) | set(IGNORED) | set(PLACEMENT)
         assert fields <= known, (method, fields - known)
 
 
@@ -192,11 +204,11 @@ def test_run_reads_hparams_file(tmp_path, tok, llama, capsys, monkeypatch):
     tok.save_pretrained(model_dir)
     bad = _yaml(tmp_path, ROME_LLAMA.replace("v_loss_layer: 3", "v_loss_layer: 31"), "bad.yaml")
     capsys.readouterr()
-    assert main(["run", "--model", str(model_dir), "--hparams", str(bad), "--out", "x"]) == 2
+    assert main(["run", "--model", str(model_dir), "--hparams", str(bad), "--device", "cpu", "--out", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("prune-ext: error:") and "v_loss_layer" in err and "\n" not in err
     memit = _yaml(tmp_path, MEMIT_GPT2, "memit.yaml")
-    assert main(["run", "--model", "smollm2-135m", "--hparams", str(memit), "--out", "x"]) == 2
+    assert main(["run", "--model", "smollm2-135m", "--editor", "rome", "--hparams", str(memit), "--out", "x"]) == 2
     assert "does not match the editor 'rome'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # a good file: the overrides reach the run's settings (the run itself is not started here)
@@ -208,6 +220,57 @@ def test_run_reads_hparams_file(tmp_path, tok, llama, capsys, monkeypatch):
 
     monkeypatch.setattr("prune_ext.experiment.run_experiment", fake_run)
     good = _yaml(tmp_path, ROME_LLAMA, "good.yaml")
-    assert main(["run", "--model", str(model_dir), "--hparams", str(good), "--out", "x"]) == 0
+    assert main(["run", "--model", str(model_dir), "--hparams", str(good), "--device", "cpu", "--out", "x"]) == 0
     hp = seen["config"].hparams
     assert hp["v_num_grad_steps"] == 25 and hp["layer"] == 2 and hp["context_lengths"] == [[5, 10], [10, 10]]
+
+
+def _settings_yaml(tmp_path, text: str, **fields) -> Path:
+    lines = [line for line in textwrap.dedent(text).splitlines() if line.split(":")[0] not in fields]
+    return _yaml(tmp_path, "\n".join(lines + [f"{k}: {json.dumps(v)}" for k, v in fields.items()]), "settings.yaml")
+
+
+def test_alg_name_picks_the_editor_and_device_fp16_are_honoured_or_refused(tmp_path, tok, llama, capsys,
+                                                                         monkeypatch):
+    """An EasyEdit file's alg_name selects the editor when --editor is not given; device and fp16 set the
+    placement unless the command line does (it wins); a CUDA device without CUDA is one line, not ignored."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "model"
+    llama.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        return {"edits": 0}
+
+    monkeypatch.setattr("prune_ext.experiment.run_experiment", fake_run)
+    alpha = _settings_yaml(tmp_path, ALPHAEDIT_LLAMA, device="cpu", fp16=True)
+    assert easyedit_settings(alpha).editor == "alphaedit"
+    assert main(["run", "--model", str(model_dir), "--hparams", str(alpha), "--batch-size", "2", "--out", "x"]) == 0
+    config = seen[-1]
+    assert config.editor == "alphaedit" and config.hparams["l2"] == 1.0  # the file chose the editor
+    assert config.device == "cpu" and config.dtype == "float16"  # and the placement
+    assert "dtype float16 (from fp16" in capsys.readouterr().out
+    # the command line wins over the file: its dtype, and its editor settings on top of the file's
+    argv = ["run", "--model", str(model_dir), "--hparams", str(alpha), "--dtype", "bfloat16", "--batch-size", "2",
+            "--norm-constraint", "3", "--mpes", "--out", "x"]
+    assert main(argv) == 0
+    config = seen[-1]
+    assert config.dtype == "bfloat16" and config.hparams["norm_constraint"] == 3.0 and config.hparams["mpes"]
+    assert config.hparams["nullspace_threshold"] == 0.02  # the file's values stay
+    # device: 0 on a torch without CUDA: refused with one line naming the way out
+    cuda = _settings_yaml(tmp_path, ROME_LLAMA, device=0)
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(["run", "--model", str(model_dir), "--hparams", str(cuda), "--out", "x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "asks for cuda:0" in err and "--device cpu" in err and "\n" not in err
+    assert main(["run", "--model", str(model_dir), "--hparams", str(cuda), "--device", "cpu", "--out", "x"]) == 0
+    assert seen[-1].device == "cpu" and seen[-1].editor == "rome" and seen[-1].dtype == "float32"
+    for bad, message in (({"device": [0]}, "device: expected"), ({"fp16": "yes"}, "fp16: expected true or false")):
+        path = _settings_yaml(tmp_path, ROME_LLAMA, **bad)
+        with pytest.raises(HParamsError, match=message):
+            easyedit_settings(path)
+    assert easyedit_settings(_yaml(tmp_path, "v_lr: 0.1\n", "ours.yaml")) is None  # our own field names
+    assert not (tmp_path / "x").exists()

@@ -400,8 +400,11 @@ def test_load_model_local_folder(gpt2_tokenizer: Any, tmp_path: Path) -> None:
     loaded, tok = load_model(str(tmp_path / "tiny-gpt2"))
     assert not loaded.training and tok("Paris")["input_ids"] == gpt2_tokenizer("Paris")["input_ids"]
     assert model_fingerprint(loaded) == model_fingerprint(model)
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="neither 'smollm2-135m', a local model folder nor a Hub id"):
         load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        load_model(str(tmp_path / "empty"))
 
 
 def test_missing_smollm2_wheel_message(monkeypatch: pytest.MonkeyPatch) -> None:

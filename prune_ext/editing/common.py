@@ -21,6 +21,7 @@ shrinking active set costs no new prefix pass.
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .hooks import add_to_output, capture, stop_after
 from .hparams import ValueHyperParams
 from .models import editing_mode, get_module
 from .requests import EditRequest
-from .sampling import sample_tokens
+from .sampling import _cache_of, sample_tokens
 from .tokens import continuation_ids, encode_with_span, pad_id, pad_right
 
 __all__ = ["ValueResult", "generate_prefixes", "optimize_values", "subject_vectors"]
@@ -272,7 +273,13 @@ class _Batch:
             position_ids=self.positions[:, : self.split],
             use_cache=True,
         )
-        self.cache = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.cache = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword a forward pass takes its KV cache by: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` in older ones (5.0 … 5.1x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward(
@@ -291,7 +298,8 @@ def _forward(
         return add.index_put((rows, torch.zeros_like(rows)), deltas[batch.owner].to(out.device))
 
     # a fresh cache each step: a forward pass appends to the cache it is given
-    kwargs = {"cache": DynamicCache(batch.cache, config=model.config), "use_cache": True} if batch.cache else {}
+    kwargs = {_cache_keyword(model.base_model): DynamicCache(batch.cache, config=model.config),
+              "use_cache": True} if batch.cache else {}
     with add_to_output(module, make_delta):
         hidden = model.base_model(
             input_ids=batch.suffix_ids,

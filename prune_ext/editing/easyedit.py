@@ -6,8 +6,15 @@
 ``nullspace_threshold``, and ``L2`` as ``l2``) to pass as ``hparams=`` to ``make_editor``. Values are plain
 JSON types (lists, not tuples), so a run's ``config.json`` round-trips them.
 
-Every field EasyEdit defines is either mapped (``FIELD_MAP``), used for a check (``CHECKED``) or
-accepted and ignored for a stated reason (``IGNORED``); anything else is an error naming it.
+Every field EasyEdit defines is either mapped (``FIELD_MAP``), used for a check (``CHECKED``), a
+placement (``PLACEMENT``: ``device`` and ``fp16``, read by :func:`easyedit_settings`) or accepted and
+ignored for a stated reason (``IGNORED``); anything else is an error naming it.
+
+The file's ``alg_name`` chooses the editor when none is given. Placement: ``prune-ext run`` loads the
+model on the file's ``device`` (``N`` → ``cuda:N``; refused with one line when torch sees no CUDA device)
+and in float16 when ``fp16: true``, unless ``--device`` / ``--dtype`` say otherwise (the command line
+wins). In Python the model is already loaded: a file whose ``device``/``fp16`` disagree with it gives a
+warning (the model's placement is used), never silence.
 Semantics that differ: EasyEdit's ``mom2_n_samples`` counts Wikipedia documents (each up to the
 model's context), prune_ext's counts key vectors (tokens), so the same number means far fewer
 keys here; statistics come from ``--corpus`` or the model's own samples, never from a download.
@@ -18,12 +25,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-__all__ = ["CHECKED", "FIELD_MAP", "IGNORED", "HParamsError", "read_easyedit_hparams"]
+__all__ = [
+    "CHECKED", "FIELD_MAP", "IGNORED", "PLACEMENT", "EasyEditSettings", "HParamsError", "easyedit_settings",
+    "read_easyedit_hparams",
+]
 
 _METHODS = {"rome": "rome", "memit": "memit", "alphaedit": "alphaedit"}  # alg_name.lower() → editor
 _ALG_NAMES = {"rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
@@ -57,11 +68,14 @@ CHECKED: dict[str, str] = {
     "layer_module_tmp": "ROME: the block of v_loss_layer (checked against the model)",
 }
 
+PLACEMENT: dict[str, str] = {
+    "device": "N loads the model on cuda:N (--device wins; Python: a warning if the model is elsewhere)",
+    "fp16": "true loads the model in float16 (--dtype wins; Python: a warning if the model is not float16)",
+}
+
 IGNORED: dict[str, str] = {
     "model_name": "the model is --model (or the model object)",
-    "device": "the model's own device is used",
-    "model_parallel": "the model's own device map is used",
-    "fp16": "the model's dtype is the one it was loaded in",
+    "model_parallel": "the model's own device map is used (--device-map)",
     "stats_dir": "statistics are cached in prune_ext's cache folder ($PRUNE_EXT_CACHE)",
     "mom2_dataset": "statistics come from --corpus or the model's own samples (nothing is downloaded)",
     "mom2_dtype": "statistics are float32 products summed in float64",
@@ -176,7 +190,8 @@ def read_easyedit_hparams(
         raise HParamsError(f"{file}: alg_name {alg!r} does not match the editor {editor!r} (use --editor {method})")
     mapping = FIELD_MAP[method]
     ignored = {**IGNORED, **(_ROME_IGNORED if method == "rome" else {})}
-    unknown = sorted(k for k in data if k not in mapping and k not in CHECKED and k not in ignored)
+    unknown = sorted(k for k in data if k not in mapping and k not in CHECKED and k not in ignored
+                     and k not in PLACEMENT)
     if unknown:
         hint = " (set the batch with --batch-size or apply_edits(batch_size=...))" if "batch_size" in unknown else ""
         raise HParamsError(f"{file}: field(s) not supported by prune_ext's {_ALG_NAMES[method]}: "
@@ -203,7 +218,82 @@ def read_easyedit_hparams(
             value = _number(file, key, value, int if key in _INT else float)
         overrides[ours] = value
     _checks(file, method, data, overrides, model)
+    placement = _placement(file, data)
+    if isinstance(model, nn.Module):
+        _warn_placement(file, placement, model)
     return method, overrides
+
+
+@dataclass(frozen=True)
+class EasyEditSettings:
+    """What an EasyEdit file says besides hyper-parameters: the editor (from ``alg_name``), and the
+    device (``"cuda:N"``, ``"cpu"``) and dtype (``"float16"``) to load the model with, or ``None``."""
+
+    editor: str
+    device: str | None
+    dtype: str | None
+
+
+def easyedit_settings(path: str | os.PathLike[str]) -> EasyEditSettings | None:
+    """The editor and placement an EasyEdit file asks for; ``None`` if ``path`` is not an EasyEdit file
+    (no ``alg_name``). Raises :class:`HParamsError` for a bad ``alg_name``, ``device`` or ``fp16``."""
+    import yaml
+
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HParamsError(f"--hparams {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise HParamsError(f"{file}: not valid JSON/YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict) or "alg_name" not in data:
+        return None
+    alg = data["alg_name"]
+    method = _METHODS.get(str(alg).lower()) if isinstance(alg, str) else None
+    if method is None:
+        raise HParamsError(f"{file}: alg_name: expected ROME, MEMIT or AlphaEdit, got {alg!r}")
+    placement = _placement(file, data)
+    return EasyEditSettings(method, placement.get("device"), placement.get("dtype"))
+
+
+def _placement(file: Path, data: dict[str, Any]) -> dict[str, str]:
+    """``device`` → ``{"device": "cuda:N" | "cpu" | ...}``, ``fp16: true`` → ``{"dtype": "float16"}``."""
+    out: dict[str, str] = {}
+    if data.get("device") is not None:
+        value = data["device"]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise HParamsError(f"{file}: device: expected a GPU number or a device name, got {value!r}")
+        device = f"cuda:{value}" if isinstance(value, int) or value.isdigit() else value
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise HParamsError(f"{file}: device: not a device: {value!r}") from None
+        out["device"] = device
+    if "fp16" in data:
+        if not isinstance(data["fp16"], bool):
+            raise HParamsError(f"{file}: fp16: expected true or false, got {data['fp16']!r}")
+        if data["fp16"]:
+            out["dtype"] = "float16"
+    return out
+
+
+def _warn_placement(file: Path, placement: dict[str, str], model: nn.Module) -> None:
+    import warnings
+
+    import torch
+
+    param = next(model.parameters(), None)
+    if param is None:
+        return
+    want = placement.get("device")
+    if want is not None and torch.device(want) != param.device:
+        warnings.warn(f"{file}: device {want} ignored: the model given is on {param.device} and stays there",
+                      stacklevel=3)
+    if placement.get("dtype") == "float16" and param.dtype != torch.float16:
+        warnings.warn(f"{file}: fp16: true ignored: the model given is {str(param.dtype).removeprefix('torch.')} "
+                      "and stays so", stacklevel=3)
 
 
 def _checks(file: Path, method: str, data: dict[str, Any], overrides: dict[str, Any],

