@@ -42,8 +42,10 @@ __all__ = [
     "export_hf",
     "export_lora",
     "lora_factors",
+    "lora_factors_of",
     "read_run",
     "save_hf_folder",
+    "write_lora_adapter",
 ]
 
 RUN_WEIGHTS = "weights.safetensors"
@@ -180,6 +182,103 @@ def lora_factors(delta: torch.Tensor, *, rtol: float = LORA_RTOL, atol: float = 
     return U[:, :r] * root, root[:, None] * Vh[:r]
 
 
+def lora_factors_of(
+    model: nn.Module,
+    edited: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    *,
+    rtol: float = LORA_RTOL,
+    rank: int | None = None,
+    log: Callable[[str], Any] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module name: LoRA factors (B, A) of ΔW = ``edited[name]`` − ``base[name]`` (float64, in the
+    ``nn.Linear`` layout out × in; GPT-2's Conv1D weights are transposed first). Modules whose ΔW is zero
+    to the rounding of ``edited``'s dtype are left out. The rank is the numerical rank (see
+    :func:`export_lora`), or at most ``rank`` (the best rank-``rank`` approximation, an SVD truncation)."""
+    from .editing.models import weight_is_transposed
+
+    say = log or (lambda _msg: None)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, new in edited.items():
+        module = model.get_submodule(name)
+        is_conv1d = weight_is_transposed(module)
+        if not (isinstance(module, nn.Linear) or is_conv1d):
+            raise ExportError(f"{name}.weight: a LoRA adapter holds nn.Linear (or GPT-2 Conv1D) weights only; "
+                              "export a full model instead (--hf, EditingSession.save_pretrained)")
+        delta = new.detach().to(torch.float64).cpu() - base[name].detach().to(torch.float64).cpu()
+        if not bool(torch.isfinite(delta).all()):
+            raise ExportError(f"{name}.weight: ΔW holds NaN or Inf")
+        floor = 0.5 * torch.finfo(new.dtype).eps * new.detach().to(torch.float64).norm().item()
+        B, A = lora_factors(delta.T if is_conv1d else delta, rtol=rtol, atol=floor)
+        if rank is not None and B.shape[1] > rank:
+            B, A = B[:, :rank], A[:rank]
+        if B.shape[1] == 0:
+            say(f"{name}: unchanged, left out")
+            continue
+        factors[name] = (B, A)
+        say(f"{name}: rank {B.shape[1]}")
+    return factors
+
+
+def write_lora_adapter(
+    model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out: str | os.PathLike[str],
+    info: dict[str, Any],
+) -> dict[str, int]:
+    """Write ``factors`` (module name → (B, A), ``B @ A`` = ΔW out × in) as a PEFT LoRA adapter folder for
+    ``model``'s architecture, atomically, with ``info`` in ``prune_ext_export.json``; returns the ranks.
+
+    Scaling 1 (``lora_alpha`` = r; per-module ``rank_pattern`` / ``alpha_pattern`` when ranks differ),
+    float32, ``fan_in_fan_out`` for GPT-2's Conv1D. PEFT wraps a weightless (meta-device) copy of the
+    architecture, so ``model`` itself is neither changed nor copied.
+    """
+    from .editing.models import weight_is_transposed
+    from .extras import require
+
+    require("peft", "a LoRA adapter")
+    from peft import LoraConfig, get_peft_model
+
+    if not factors:
+        raise ExportError("there is no edit to export: the edited weights equal the base model's")
+    if Path(out).exists():
+        raise ExportError(f"{out} already exists: remove it or choose another folder")
+    transposed = {name for name in factors if weight_is_transposed(model.get_submodule(name))}
+    if transposed and len(transposed) != len(factors):
+        raise ExportError("the edited matrices mix Conv1D and nn.Linear layers; one LoRA config cannot hold both")
+    ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
+    r = max(ranks.values())
+    differ = {name: k for name, k in ranks.items() if k != r}
+    lora_config = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(factors), rank_pattern=differ, alpha_pattern=dict(differ),
+        lora_dropout=0.0, bias="none", fan_in_fan_out=bool(transposed), task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(_skeleton(model), lora_config)
+    for name, (B, A) in factors.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        if layer.scaling["default"] != 1.0:
+            raise ExportError(f"{name}: PEFT set the LoRA scaling to {layer.scaling['default']}, not 1")
+        for holder, value in ((layer.lora_A["default"], A), (layer.lora_B["default"], B)):
+            if tuple(holder.weight.shape) != tuple(value.shape):
+                raise ExportError(f"{name}: PEFT made a LoRA factor of shape {tuple(holder.weight.shape)}, "
+                                  f"the edit's is {tuple(value.shape)}")
+            holder.weight = nn.Parameter(value.to(torch.float32).contiguous(), requires_grad=False)
+    with _atomic_folder(out) as tmp:
+        peft_model.save_pretrained(tmp)
+        write_json(tmp / EXPORT_INFO, {**info, "ranks": ranks})
+    return ranks
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A weightless (meta-device) model of ``model``'s architecture and module names, from its config
+    (without ``quantization_config``: a GGUF-loaded model's architecture is the plain one)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def export_lora(
     run: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -197,59 +296,24 @@ def export_lora(
     (half a unit in the last place of every entry, at most (ε/2)‖W_edited‖_F). ``restrained`` is
     checked against what the run holds (see :func:`read_run`).
     """
-    from peft import LoraConfig, get_peft_model
+    from .extras import require
 
-    from .editing.models import weight_is_transposed
-
+    require("peft", "prune-ext export --lora")
     say = log or (lambda _msg: None)
     config, weights, holds = read_run(run, restrained)
     if Path(out).exists():
         raise ExportError(f"{out} already exists: remove it or choose another folder")
     model, _ = _base_model(config, weights)
-    params = dict(model.named_parameters())
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    transposed = set()
-    for name, edited in weights.items():
-        module_name = name.removesuffix(".weight")
-        module = model.get_submodule(module_name) if name.endswith(".weight") else None
-        is_conv1d = module is not None and weight_is_transposed(module)
-        if not (isinstance(module, nn.Linear) or is_conv1d):
+    for name in weights:
+        if not name.endswith(".weight"):
             raise ExportError(f"{name}: a LoRA adapter holds nn.Linear (or GPT-2 Conv1D) weights only; "
-                              "use --hf for a full model")
-        delta = edited.to(torch.float64) - params[name].detach().to(torch.float64)
-        if not bool(torch.isfinite(delta).all()):
-            raise ExportError(f"{name}: ΔW holds NaN or Inf")
-        floor = 0.5 * torch.finfo(edited.dtype).eps * edited.to(torch.float64).norm().item()
-        B, A = lora_factors(delta.T if is_conv1d else delta, rtol=rtol, atol=floor)
-        if B.shape[1] == 0:
-            say(f"{module_name}: unchanged, left out")
-            continue
-        factors[module_name] = (B, A)
-        if is_conv1d:
-            transposed.add(module_name)
-        say(f"{module_name}: rank {B.shape[1]}")
+                              "export a full model instead (--hf)")
+    edited = {name.removesuffix(".weight"): w for name, w in weights.items()}
+    base = {name: model.get_submodule(name).weight for name in edited}
+    factors = lora_factors_of(model, edited, base, rtol=rtol, log=say)
     if not factors:
         raise ExportError(f"{run}: the edited weights equal the base model's; there is no edit to export")
-    if transposed and len(transposed) != len(factors):
-        raise ExportError("the edited matrices mix Conv1D and nn.Linear layers; one LoRA config cannot hold both")
-    ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
-    r = max(ranks.values())
-    differ = {name: k for name, k in ranks.items() if k != r}
-    lora_config = LoraConfig(
-        r=r, lora_alpha=r, target_modules=sorted(factors), rank_pattern=differ, alpha_pattern=dict(differ),
-        lora_dropout=0.0, bias="none", fan_in_fan_out=bool(transposed), task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora_config)
-    with torch.no_grad():
-        for name, (B, A) in factors.items():
-            layer = peft_model.base_model.model.get_submodule(name)
-            if layer.scaling["default"] != 1.0:
-                raise ExportError(f"{name}: PEFT set the LoRA scaling to {layer.scaling['default']}, not 1")
-            layer.lora_A["default"].weight.copy_(A.to(torch.float32))
-            layer.lora_B["default"].weight.copy_(B.to(torch.float32))
-    with _atomic_folder(out) as tmp:
-        peft_model.save_pretrained(tmp)
-        _write_info(tmp, run, config, holds, ranks=ranks)
+    ranks = write_lora_adapter(model, factors, out, {"run": str(run), "model": config["model"], "restrained": holds})
     say(f"wrote the LoRA adapter ({len(factors)} module(s), ranks {sorted(set(ranks.values()))}) to {out}")
     return Path(out)
 
@@ -280,8 +344,10 @@ def _plain_model(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str]) -> Path:
-    """Save ``model`` (and ``tokenizer``) as a plain Hugging Face safetensors folder, atomically.
+def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str],
+                   extra: Callable[[Path], Any] | None = None) -> Path:
+    """Save ``model`` (and ``tokenizer``) as a plain Hugging Face safetensors folder, atomically;
+    ``extra(folder)`` may add files before the folder is renamed into place.
 
     Works for the GGUF-loaded SmolLM2 too (whose ``save_pretrained`` refuses): it is saved from a
     plain model of the same config without ``quantization_config``.
@@ -290,6 +356,8 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str]
         _plain_model(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
@@ -311,10 +379,7 @@ def export_hf(
     with torch.no_grad():
         for name, w in weights.items():
             params[name].copy_(w)
-    with _atomic_folder(out) as tmp:
-        _plain_model(model).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _write_info(tmp, run, config, holds, edited=sorted(weights))
+    save_hf_folder(model, tok, out, extra=lambda tmp: _write_info(tmp, run, config, holds, edited=sorted(weights)))
     say(f"wrote the edited model ({len(weights)} edited matrices, {'restrained' if holds else 'unrestrained'}) "
         f"to {out}")
     return Path(out)

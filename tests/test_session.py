@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,3 +244,69 @@ def test_every_counts_edits_not_batches(n, batch, every, expected):
     session.run(list(range(n)), batch_size=batch)
     assert [r["edits"] for r in session.restraints] == expected
     assert sum(r["restrained"]["0"] for r in session.restraints) > 0, "updates too small to test"
+
+
+def _logits(model, tok) -> torch.Tensor:
+    ids = tok(["The home town of Alice Smith is", "Bob Jones lives in"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_save_pretrained_and_save_adapter_load_back(tok, cache, tmp_path, arch):
+    """save_pretrained: a Hugging Face folder of exactly the weights the session holds; save_adapter: a PEFT
+    LoRA adapter of the held update that, on the unedited model, computes the session's model."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from prune_ext.export import EXPORT_INFO, ExportError
+
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model, session = run_session(tok, cache, arch=arch, alpha=1.05)
+    with pytest.raises(ExportError, match="no edit to export"):
+        session.save_adapter(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    for req in REQUESTS[:4]:
+        session.edit(req)
+    session.finish()  # the model holds W + F(ΔW)
+    name = session.editor.hparams.module_name
+    assert session.restraints[-1]["restrained"][name] > 0  # the restraint changed something
+    want = _logits(model, tok)
+
+    session.save_pretrained(tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(_logits(loaded, tok), want, rtol=0, atol=0)
+    info = json.loads((tmp_path / "hf" / EXPORT_INFO).read_text())
+    assert info["held"] == HELD_RESTRAINED and info["edits"] == 4 and info["restrain"] == "log"
+
+    session.save_adapter(tmp_path / "lora")
+    base = tiny_model(arch, tok)  # the same seed: the unedited weights
+    plain = _logits(base, tok)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "lora")
+    got = _logits(adapted, tok)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-5 * scale  # float32 rounding of the factors
+    assert (plain - want).abs().max().item() > 1e-3 * scale  # the edits matter, so the test can fail
+    held_delta = (model.get_submodule(name).weight.double() - session.ledgers[name].original.double())
+    merged = adapted.merge_and_unload().get_submodule(name).weight.double() - base_weight(arch, tok, name)
+    assert (merged - held_delta).norm() <= 1e-5 * held_delta.norm()
+
+    # rank=1: the best rank-one approximation of the held update (an SVD truncation), in PEFT's layout
+    session.save_adapter(tmp_path / "lora1", rank=1)
+    config = json.loads((tmp_path / "lora1" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and json.loads((tmp_path / "lora1" / EXPORT_INFO).read_text())["max_rank"] == 1
+    one = peft.PeftModel.from_pretrained(tiny_model(arch, tok), tmp_path / "lora1").merge_and_unload()
+    got1 = one.get_submodule(name).weight.double() - base_weight(arch, tok, name)
+    U, S, Vh = torch.linalg.svd(held_delta)
+    best = S[0] * torch.outer(U[:, 0], Vh[0])
+    assert (got1 - best).norm() <= 1e-5 * best.norm()
+    with pytest.raises(ExportError, match="already exists"):
+        session.save_adapter(tmp_path / "lora")
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        session.save_adapter(tmp_path / "lora0", rank=0)
+
+
+def base_weight(arch: str, tok, name: str) -> torch.Tensor:
+    return tiny_model(arch, tok).get_submodule(name).weight.detach().double()

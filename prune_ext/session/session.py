@@ -359,6 +359,40 @@ class EditingSession:
             )
         return out
 
+    # -- artifacts ------------------------------------------------------------------------------
+
+    def _export_info(self) -> dict[str, Any]:
+        return {"source": "EditingSession", "editor": self.method, "edits": self.edits_done, "held": self.held,
+                "restrain": self.restrain, "alpha": self.alpha, "beta": self.beta, "every": self.every}
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the model as it holds its weights now (see :meth:`hold`) as a plain Hugging Face folder
+        (safetensors, config, tokenizer; a GGUF-loaded model gets a plain config without
+        ``quantization_config``), atomically; ``folder`` must not exist. Loadable with
+        ``AutoModelForCausalLM.from_pretrained(folder)``; ``prune_ext_export.json`` says what it holds."""
+        from prune_ext.export import EXPORT_INFO, save_hf_folder
+        from prune_ext.io import write_json
+
+        target = save_hf_folder(self.model, self.tokenizer, folder,
+                                extra=lambda tmp: write_json(tmp / EXPORT_INFO, self._export_info()))
+        return target
+
+    def save_adapter(self, folder: str | os.PathLike[str], *, rank: int | None = None) -> Path:
+        """Write the session's edits as a PEFT LoRA adapter folder: one LoRA pair per edited matrix with
+        ``lora_B @ lora_A`` = held − W, the update the model holds now (ΔW, or F(ΔW) when it holds the
+        restrained view), to its numerical rank or at most ``rank`` (its best rank-``rank``
+        approximation); scaling 1. ``PeftModel.from_pretrained(base_model, folder)`` on the unedited
+        model then computes the session's model. Needs ``peft`` (the ``[export]`` extra)."""
+        from prune_ext.export import lora_factors_of, write_lora_adapter
+
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        held = self.held_weights()
+        base = {name: ledger.original for name, ledger in self.ledgers.items()}
+        factors = lora_factors_of(self.model, held, base, rank=rank)
+        write_lora_adapter(self.model, factors, folder, {**self._export_info(), "max_rank": rank})
+        return Path(folder)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
