@@ -150,11 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus", default=None, help="statistics corpus (default: ../shared/data/tasks if present, else samples)"
     )
     args = parser.parse_args(argv)
+    counts = ("threads", "rome_edits", "memit_batch1", "memit_batch", "large_batches", "n_samples", "session_edits")
+    for name in counts:
+        if getattr(args, name) < (1 if name in ("threads", "n_samples") else 0):
+            parser.error(f"--{name.replace('_', '-')} must be at least {1 if name in ('threads', 'n_samples') else 0}")
     torch.set_num_threads(args.threads)
     corpus = args.corpus
     if corpus is None and (data_dir() / "tasks").is_dir():
         corpus = str(data_dir() / "tasks")
-    requests = load_counterfact(limit=max(args.rome_edits, args.memit_batch1, args.memit_batch * args.large_batches))
+    wanted = max(args.rome_edits, args.session_edits if args.rome_edits else 0, args.memit_batch1,
+                 args.memit_batch * args.large_batches)
+    requests = load_counterfact(limit=wanted) if wanted else []
 
     (model, tok), t_load = timed(lambda: load_model(args.model))
     rome_hp = RomeHyperParams.for_model(model, mom2_n_samples=args.n_samples)
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         memit.prefixes  # noqa: B018 - generate once, outside the timings
         snap = Snapshot(model, names)
         for size, batches in ((1, args.memit_batch1), (args.memit_batch, 1 if args.large_batches else 0)):
-            if batches == 0 or "memit" not in args.editors.split(",") and size != 1:
+            if batches == 0 or size == 0 or "memit" not in args.editors.split(",") and size != 1:
                 continue
             times, updates = [], []
             for b in range(batches):
@@ -262,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
-        if args.large_batches > 1 or "alphaedit" in args.editors.split(",") or args.mpes != "off":
+        if args.memit_batch and args.large_batches and (
+            args.large_batches > 1 or "alphaedit" in args.editors.split(",") or args.mpes != "off"
+        ):
             rows += large_batch_rows(args, model, tok, requests, corpus, cache, names)
 
     print(f"\nSmolLM2 editing benchmark: {args.model}, float32, torch {torch.__version__}, {args.threads} threads\n")

@@ -590,3 +590,26 @@ def test_memit_solves_its_normal_equations(gpt2_tokenizer: Any, stats_cache: Pat
     bare = subject_vectors(model, gpt2_tokenizer, name, REQUESTS, [""]).double()
     rest = subject_vectors(model, gpt2_tokenizer, name, REQUESTS, editor.prefixes[1:]).double()
     torch.testing.assert_close(seen[0][1], (bare + rest) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_editing_skips_a_group_of_count_zero(gpt2_tokenizer: Any, tmp_path: Path, capsys) -> None:
+    """benchmarks/bench_editing.py: a count of 0 skips its row group (--memit-batch 0 divided by zero)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_editing.py"
+    spec = importlib.util.spec_from_file_location("bench_editing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = tmp_path / "tiny"
+    tiny_model("gpt2", gpt2_tokenizer).save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence {i} is about rivers and towns." for i in range(50)))
+    argv = ["--model", str(folder), "--threads", "1", "--n-samples", "200", "--corpus", str(corpus),
+            "--rome-edits", "0", "--session-edits", "0", "--memit-batch1", "0", "--memit-batch", "0"]
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "key statistics, cached" in table and "MEMIT" not in table and "ROME" not in table
+    with pytest.raises(SystemExit):
+        bench.main([*argv[:-1], "-1"])
+    assert "--memit-batch must be at least 0" in capsys.readouterr().err
