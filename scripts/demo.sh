@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/run_records.sh
 case "${1:-all}" in
-  run) .venv/bin/prune-ext demo --out runs/demo ;;
+  # wall and CPU time for README (the command line picks its threads from the idle cores: docs/cli.md)
+  run) time .venv/bin/prune-ext demo --out runs/demo ;;
   report)
     copy_records docs/demo/runs demo/prune demo/no-prune
     report_records docs/demo docs/demo/runs demo/prune demo/no-prune ;;
