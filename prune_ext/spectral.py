@@ -110,7 +110,7 @@ class Restraint:
             parts.append(f"protect {100 * self.protect_energy:g} % (d={self.protect_damp:g})")
         if self.fn != "none":
             f = f"{self.fn} α={self.alpha:g}" if self.fn == "log" else f"linear β={self.beta:g}"
-            parts.append(f"PRUNE {f}" if self.is_prune else f"{f} above {self.threshold_scale:g}σ_W")
+            parts.append(f"PRUNE {f}" if self.threshold_scale == 1.0 else f"{f} above {self.threshold_scale:g}σ_W")
         return " + ".join(parts) or "none"
 
     def as_dict(self) -> dict:
