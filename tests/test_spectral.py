@@ -193,3 +193,20 @@ def test_parse_restraint_and_errors():
             parse_restraint(bad, base)
     with pytest.raises(ValueError, match="subspace"):
         apply_factors(torch.ones(3, 1), torch.ones(4, 1), 1.0, Restraint(protect_energy=0.5))
+
+
+def test_restrain_model_with_a_variant_matches_the_reference():
+    from prune_ext.posthoc import PosthocError, restrain_model
+
+    W, s = _w_with_gapped_spectrum(48, 64, seed=11)
+    spec = Restraint("log", 1.5, threshold_scale=0.5, protect_energy=_energy_between_steps(s, 5), protect_damp=0.7)
+    values = spectrum("spikes", 6, 0.5 * float(s[0]), seed=4)
+    delta = matrix_with_spectrum(48, 64, values, seed=12, dtype=torch.float64)
+    edited = {"w": (W.double() + delta).float()}
+    delta_stored = edited["w"].double() - W.double()  # ΔW as the float32 checkpoints hold it
+    restrain_model(edited, {"w": W}, alpha=1.5, threshold_scale=0.5, protect_energy=spec.protect_energy,
+                   protect_damp=0.7)
+    want = W.double() + _reference(delta_stored, W, spec)
+    assert float((edited["w"].double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    with pytest.raises(PosthocError, match="threshold_scale"):
+        restrain_model({"w": W + 1}, {"w": W}, threshold_scale=-1.0)
