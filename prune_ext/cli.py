@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="score a seeded sample of at most N of the edits so far at each checkpoint (default: all)")
     _placement(run)
     run.add_argument("--out", required=True, help="output folder (an interrupted run there resumes)")
+    _variant_options(run)
+    run.add_argument("--variant-out", action="append", default=[], metavar="DIR=SPEC", type=_variant_out,
+                     help="also write the pass restrained once by another variant to DIR (repeatable); SPEC: "
+                     "comma list of restrain=log|linear|none, alpha=, beta=, scale=, protect=, damp= (e.g. "
+                     "'scale=0.5' or 'restrain=none,protect=0.5,damp=0.8'); may be added when resuming")
 
     rep = command("report", "plots and a table from run folders (needs the [report] extra)")
     rep.add_argument("runs", nargs="+", help="run folders written by prune-ext run")
@@ -170,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--alpha", type=float, default=1.2, help="α of the log restraint (> 1)")
     res.add_argument("--beta", type=float, default=2.0, help="β of the linear restraint (> 1)")
     res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")
+    _variant_options(res)
 
     exp = command("export", "a run's edits as a PEFT LoRA adapter (--lora) or a full HF folder (--hf)")
     exp.add_argument("run", help="a run folder written by prune-ext run")
@@ -193,6 +199,29 @@ def _parser() -> argparse.ArgumentParser:
     tm.add_argument("--val-every", type=int, help="validate every N steps (default: 100)")
     tm.add_argument("--threads", type=int, help="torch threads (default: the policy in docs/cli.md)")
     return ap
+
+
+def _variant_options(parser: argparse.ArgumentParser) -> None:
+    """The spectral variants of the restraint (prune_ext.spectral; docs/restraints.md)."""
+    parser.add_argument("--threshold-scale", type=float, default=1.0, metavar="C",
+                        help="restrain ΔW's values above C·σmax(W) (default 1: PRUNE)")
+    parser.add_argument("--protect-energy", type=float, metavar="E",
+                        help="first remove ΔW's component in W's top singular subspaces holding a share E of "
+                        "W's energy (REVIVE/SPHERE-like; default: off)")
+    parser.add_argument("--protect-damp", type=float, default=1.0, metavar="D",
+                        help="damp that component by D in [0, 1] instead (default 1: remove it)")
+
+
+def _variant_out(text: str) -> tuple[str, str]:
+    folder, sep, spec = text.partition("=")
+    if not sep or not folder or not spec:
+        raise argparse.ArgumentTypeError(f"expected DIR=SPEC, got {text!r}")
+    return folder, spec
+
+
+def _variant_args(args: argparse.Namespace) -> dict[str, float | None]:
+    return {"threshold_scale": args.threshold_scale, "protect_energy": args.protect_energy,
+            "protect_damp": args.protect_damp}
 
 
 def _placement_args(args: argparse.Namespace) -> dict[str, str | None]:
@@ -237,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
         beta=args.beta, every=args.every, eval_every=args.eval_every, tasks=args.tasks, task_data=args.task_data,
         limit=args.limit, seed=args.seed, corpus=args.corpus, unrestrained_out=args.unrestrained_out,
         live=args.live, eval_edits=args.eval_edits, hparams=hparams, **placement,
+        **_variant_args(args), variant_outs=dict(args.variant_out),
     )
     final = run_experiment(config)
     print(f"done: {final['edits']} edits; trace in {args.out}/trace.jsonl, results in {args.out}/results.json")
@@ -294,7 +324,7 @@ def _restrain(args: argparse.Namespace) -> int:
     from .posthoc import REPORT_NAME, format_table, restrain_folder
 
     reports = restrain_folder(args.base, args.edited, args.out, restrain=args.restrain, alpha=args.alpha,
-                              beta=args.beta, modules=args.modules, log=print)
+                              beta=args.beta, modules=args.modules, log=print, **_variant_args(args))
     print()
     print(format_table(reports) if reports else "no 2-D weight differs between the two models")
     print(f"wrote {args.out} (table in {Path(args.out) / REPORT_NAME})")

@@ -79,6 +79,25 @@ class ExperimentConfig:
     device: str | None = None  # cpu, cuda, cuda:N (default: where transformers loads it, the CPU)
     device_map: str | None = None  # "auto" or a JSON file of module -> device
     store_device: str | None = None  # where the books live (default: each matrix's GPU, else the CPU)
+    threshold_scale: float = 1.0  # the restraint's variant (prune_ext.spectral.Restraint); 1, None, 1: PRUNE
+    protect_energy: float | None = None
+    protect_damp: float = 1.0
+    # extra once-at-the-end outputs of the same editing pass: folder -> restraint spec ("scale=0.5", …)
+    variant_outs: dict[str, str] = field(default_factory=dict)
+
+    def restraint(self):
+        """The main folder's restraint (:class:`prune_ext.spectral.Restraint`)."""
+        from .spectral import Restraint
+
+        return Restraint(self.restrain, self.alpha, self.beta, self.threshold_scale,  # type: ignore[arg-type]
+                         self.protect_energy, self.protect_damp)
+
+    def variants(self) -> dict[str, Any]:
+        """The extra outputs' restraints, by folder (unset keys from the main restraint's F)."""
+        from .spectral import Restraint, parse_restraint
+
+        base = Restraint(self.restrain if self.restrain != "none" else "log", self.alpha, self.beta)
+        return {folder: parse_restraint(spec, base) for folder, spec in self.variant_outs.items()}
 
     def validate(self) -> None:
         from .editing import EDITORS  # the registry: every registered editor is a valid --editor
@@ -108,10 +127,19 @@ class ExperimentConfig:
             raise ExperimentError(f"--alpha must be a finite number > 1, got {self.alpha}")
         if self.restrain == "linear" and not (self.beta > 1 and math.isfinite(self.beta)):
             raise ExperimentError(f"--beta must be a finite number > 1, got {self.beta}")
-        if self.unrestrained_out is not None and (self.restrain == "none" or self.every is not None):
+        try:
+            self.restraint()
+            variants = self.variants()
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from exc
+        main_acts = self.restrain != "none" or self.protect_energy is not None
+        if self.unrestrained_out is not None and (not main_acts or self.every is not None):
             raise ExperimentError("--unrestrained-out needs a restraint applied once at the end (no --every)")
-        if self.unrestrained_out is not None and Path(self.unrestrained_out).resolve() == Path(self.out).resolve():
-            raise ExperimentError("--unrestrained-out must differ from --out")
+        if variants and self.every is not None:
+            raise ExperimentError("--variant-out writes once-at-the-end variants of the same pass: not with --every")
+        folders = [Path(self.out).resolve()] + [Path(f).resolve() for f in [self.unrestrained_out, *variants] if f]
+        if len(set(folders)) != len(folders):
+            raise ExperimentError("--out, --unrestrained-out and every --variant-out folder must differ")
         if self.data is not None and not Path(self.data).is_file():
             raise ExperimentError(f"--data: no such file: {self.data}")
         if self.corpus is not None and not Path(self.corpus).exists():
@@ -194,10 +222,14 @@ def _known(model, tok, requests: Sequence[Any]) -> list[Any]:
 
 
 class _Trace:
-    """One output folder: ``config.json``, ``trace.jsonl``, ``results.json``, ``weights.safetensors``."""
+    """One output folder: ``config.json``, ``trace.jsonl``, ``results.json``, ``weights.safetensors``.
 
-    def __init__(self, folder: Path, restrained: bool) -> None:
-        self.folder, self.restrained = folder, restrained
+    ``variant``: a ``--variant-out`` folder, evaluated holding W + variant(ΔW) (a
+    :class:`~prune_ext.spectral.Restraint`) at every checkpoint from the one it was added at."""
+
+    def __init__(self, folder: Path, restrained: bool, variant: Any = None) -> None:
+        self.folder, self.restrained, self.variant = folder, restrained, variant
+        self.fresh = False  # started here (not resumed): a variant records where its rows begin
         self.path = folder / "trace.jsonl"
         self.done: set[int] = set()
         self.rows: list[dict[str, Any]] = []  # rows already written (a resumed run's)
@@ -208,9 +240,11 @@ class _Trace:
         if resume and config_path.exists():
             saved = {**_DEFAULTS, **read_json(config_path)}  # a setting newer than the folder: its default
             rows = read_jsonl(self.path) if self.path.exists() else []
-            if saved != settings:
-                if not _only_count_differs(saved, settings):
-                    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            kept = {k: saved[k] for k in _FOLDER_KEYS if k in saved}  # this folder's own record
+            if _comparable(saved) != _comparable(settings):
+                if not _only_count_differs(_comparable(saved), _comparable(settings)):
+                    a, b = _comparable(saved), _comparable(settings)
+                    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                     raise ExperimentError(f"{self.folder} holds a run with other settings or inputs "
                                           f"({', '.join(changed)}): use another --out")
                 if max((r["edits"] for r in rows), default=0) > settings["num_edits"]:
@@ -221,14 +255,27 @@ class _Trace:
                     row["final"] = False
                 atomic_write_text(self.path, "".join(json_text(row) + "\n" for row in rows))
                 (self.folder / "results.json").unlink(missing_ok=True)
-                write_json(config_path, settings)
+            write_json(config_path, {**settings, **self._own(), **kept})  # (variants added on resume too)
             self.done = {row["edits"] for row in rows}
             self.rows = rows
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(config_path, settings)
+        self.fresh = True
+        write_json(config_path, {**settings, **self._own()})
         for stale in (self.path, self.folder / "results.json", self.folder / "weights.safetensors"):
             stale.unlink(missing_ok=True)
+
+    def _own(self) -> dict[str, Any]:
+        """What only this folder's config records: the restraint its rows were evaluated under."""
+        if self.variant is None:
+            return {}
+        return {"variant": {**self.variant.as_dict(), "spec": self.variant.spec(), "label": self.variant.label()}}
+
+    def record_start(self, edits: int) -> None:
+        """A variant folder started on a resumed pass: its rows begin at the next checkpoint after ``edits``."""
+        if self.variant is not None and self.fresh:
+            config_path = self.folder / "config.json"
+            write_json(config_path, {**read_json(config_path), "added_after_edits": edits})
 
     def complete(self) -> bool:
         results = self.folder / "results.json"
@@ -247,16 +294,29 @@ class _Trace:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
              if f.default is not dataclasses.MISSING}
+_FOLDER_KEYS = ("variant", "added_after_edits")  # recorded by one folder, not settings of the run
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a folder's rows: not which extra variant folders the pass also writes
+    (one may be added on resume), nor what a folder records about itself."""
+    return {k: v for k, v in settings.items() if k not in ("variant_outs", *_FOLDER_KEYS)}
+
+
+def scored_indices(n: int, sample: int | None, seed: int) -> list[int]:
+    """The positions in the stream of the edits a checkpoint after ``n`` edits scores: all of
+    ``range(n)``, or a seeded sample of ``sample`` of them (in edit order; the same for every folder
+    of a run at the same ``n``)."""
+    if sample is None or n <= sample:
+        return list(range(n))
+    import random
+
+    return sorted(random.Random(f"{seed}:{n}").sample(range(n), sample))
 
 
 def scored_edits(requests: Sequence[Any], n: int, sample: int | None, seed: int) -> list[Any]:
-    """The edits a checkpoint after ``n`` edits scores: all of ``requests[:n]``, or a seeded sample of
-    ``sample`` of them (in edit order; the same for every folder of a run at the same ``n``)."""
-    if sample is None or n <= sample:
-        return list(requests[:n])
-    import random
-
-    return [requests[i] for i in sorted(random.Random(f"{seed}:{n}").sample(range(n), sample))]
+    """The edits at :func:`scored_indices`."""
+    return [requests[i] for i in scored_indices(n, sample, seed)]
 
 
 def _task_limits(config: ExperimentConfig) -> dict[str, int]:
@@ -265,11 +325,26 @@ def _task_limits(config: ExperimentConfig) -> dict[str, int]:
     return dict.fromkeys(config.tasks, config.limit)
 
 
-_NOT_SCORES = {"edits", "final", "restrained", "edits_scored", "matrices", "restraints", "seconds", "scores_from"}
+_NOT_SCORES = {"edits", "final", "restrained", "edits_scored", "matrices", "restraints", "seconds", "scores_from",
+               "variant"}
 
 
-def _variant(restrained: bool) -> str:
-    return "restrained" if restrained else "unrestrained"
+def _variant(trace: _Trace) -> str:
+    """The name of what a folder holds, for ``scores_from``: restrained, unrestrained, or variant:<spec>."""
+    if trace.variant is not None:
+        return f"variant:{trace.variant.spec()}"
+    return "restrained" if trace.restrained else "unrestrained"
+
+
+def _compact_per_edit(ids: list[int], case_ids: list[Any], rows: list[dict[str, float]]) -> dict[str, list]:
+    """Per-edit outcomes as one list per field (ids: the edits' positions in the stream), floats
+    rounded to 6 significant digits: rows of two folders of a pass pair by ``ids``."""
+    out: dict[str, list] = {"ids": ids}
+    if any(c is not None for c in case_ids):
+        out["case_ids"] = case_ids
+    for key in rows[0] if rows else []:
+        out[key] = [None if math.isnan(r[key]) else float(f"{r[key]:.6g}") for r in rows]
+    return out
 
 
 def _held_key(edits: int, matrices: dict[str, dict[str, Any]]) -> tuple:
@@ -344,9 +419,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         raise ExperimentError(str(exc)) from exc
     _check_inputs(config)  # tasks, their files and the model: before anything is written
     settings = {**asdict(config), "inputs": input_fingerprints(config, len(requests))}
-    traces = [_Trace(out, restrained=config.restrain != "none")]
+    main_acts = config.restrain != "none" or config.protect_energy is not None
+    traces = [_Trace(out, restrained=main_acts)]
     if config.unrestrained_out is not None:
         traces.append(_Trace(Path(config.unrestrained_out), restrained=False))
+    for folder, spec in config.variants().items():
+        traces.append(_Trace(Path(folder), restrained=True, variant=spec))
     # a start that fails before the first row is written leaves no folder it created behind
     created = _new_folders([t.folder for t in traces])
     try:
@@ -379,6 +457,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
                 model, tok, config.editor, config.hparams or None, restrain=config.restrain, alpha=config.alpha,
                 beta=config.beta, every=config.every, checkpoint=ckpt, save_every=min(10, config.eval_every),
                 corpus=config.corpus, progress=progress, store_device=config.store_device,
+                threshold_scale=config.threshold_scale, protect_energy=config.protect_energy,
+                protect_damp=config.protect_damp,
             )
         except ValueError as exc:
             raise ExperimentError(str(exc)) from exc
@@ -388,10 +468,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         raise
     if resume:
         log(f"resuming {out} after {session.edits_done} edits")
+        for trace in traces:
+            trace.record_start(session.edits_done)
         if session.finished and session.edits_done < len(requests):
             session.reopen()  # the same run, extended to more edits
             log(f"extending {out} from {session.edits_done} to {len(requests)} edits")
-    once = config.every is None and config.restrain != "none"
+    once = config.every is None and main_acts
     # (scores, the folder that computed them) by (edits, digests of the held matrices)
     scored_weights: dict[tuple, tuple[dict[str, Any], str]] = {}
     for trace in traces:  # rows written before a resume count too (so a resumed run writes the same rows)
@@ -399,7 +481,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             if not all(m.get("sha256") for m in row.get("matrices", {}).values()):
                 continue  # a row of an older writer, without digests
             key = _held_key(row["edits"], row["matrices"])
-            scored_weights.setdefault(key, (_scores_of(row), row.get("scores_from", _variant(trace.restrained))))
+            scored_weights.setdefault(key, (_scores_of(row), row.get("scores_from", _variant(trace))))
 
     def evaluate(s: EditingSession, trace: _Trace, final: bool) -> None:
         n = s.edits_done
@@ -407,11 +489,17 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             return
         start = time.perf_counter()
         # once-at-the-end schedule: the restrained folder holds W + F(ΔW) now, the run as if it
-        # ended here (that restraint happens here, so it is timed here)
-        s.hold(restrained=trace.restrained and once)
+        # ended here (that restraint happens here, so it is timed here); a variant folder W + R(ΔW)
+        if trace.variant is not None:
+            s.hold_variant(trace.variant)
+        else:
+            s.hold(restrained=trace.restrained and once)
         restrain_seconds = time.perf_counter() - start
         row: dict[str, Any] = {"edits": n, "final": final, "restrained": trace.restrained}
-        scored = scored_edits(requests, n, config.eval_edits, config.seed)
+        if trace.variant is not None:
+            row["variant"] = trace.variant.spec()
+        indices = scored_indices(n, config.eval_edits, config.seed)
+        scored = [requests[i] for i in indices]
         if config.eval_edits is not None:
             row["edits_scored"] = len(scored)
         matrices = diagnostics_as_dict(s.diagnostics())  # of the weights about to be evaluated
@@ -423,21 +511,28 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
             row.update(copy.deepcopy(scores_held), scores_from=folder)
         else:
             scores = [evaluate_edits(model, tok, scored, style, baseline=baseline, live=config.live,
-                                     progress=False) if n else
+                                     progress=False, per_edit=True) if n else
                       {"efficacy": math.nan, "generalization": math.nan, "locality": math.nan}]
+            if n:  # per-edit outcomes, compactly (see _compact_per_edit)
+                rows = scores[0].pop("per_edit")
+                scores[0]["per_edit"] = _compact_per_edit(indices, [getattr(r, "case_id", None) for r in scored],
+                                                          rows)
             if config.tasks:  # perplexity never scores a text the key statistics were computed from
                 scores.append(evaluate_tasks(model, tok, config.tasks, data_dir=config.task_data,
                                              limit=_task_limits(config), seed=config.seed, progress=progress,
                                              held_out_from=config.corpus))
             merged = merge_results(*scores)
-            scored_weights[held] = merged, _variant(trace.restrained)
+            scored_weights[held] = merged, _variant(trace)
             row.update(copy.deepcopy(merged))
         row["matrices"] = matrices
         row["restraints"] = len(s.restraints)
         row["seconds"] = {"edit": s.edit_seconds,
                           "restrain": sum(r.get("seconds", 0.0) for r in s.restraints)
-                          + (restrain_seconds if trace.restrained and once else 0.0),
+                          + (restrain_seconds if trace.restrained and (once or trace.variant) else 0.0),
                           "eval": time.perf_counter() - start}
+        for key in ("per_edit", "per_item"):  # the long lists last: the row stays readable
+            if key in row:
+                row[key] = row.pop(key)
         trace.write(row, s.held_weights() if final else None)
         if progress:
             log(f"{trace.folder.name}: {_summary_line(row)}")
@@ -472,6 +567,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
     for trace in traces:
         if trace.restrained:
             evaluate(session, trace, final=True)
+    if any(t.variant is not None for t in traces):
+        session.hold(restrained=True)  # the model ends holding the main folder's final weights
     return read_json(out / "results.json")
 
 

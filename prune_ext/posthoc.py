@@ -106,8 +106,19 @@ def _selected(name: str, globs: list[str] | None) -> bool:
     return globs is None or any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _variant(fn: str, alpha: float, beta: float, variant: Mapping[str, Any]) -> Any:
+    """The restraint with its spectral variant (threshold_scale, protect_energy, protect_damp), checked."""
+    from .spectral import Restraint
+
+    try:
+        return Restraint(fn, alpha, beta, **variant)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise PosthocError(str(exc)) from None
+
+
 def _restrain_matrix(
-    name: str, edited: torch.Tensor, base: torch.Tensor, *, fn: str, alpha: float, beta: float, seed: int | None
+    name: str, edited: torch.Tensor, base: torch.Tensor, *, fn: str, alpha: float, beta: float, seed: int | None,
+    variant: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, MatrixReport]:
     """(restrained weight in ``edited``'s dtype, report) for one differing 2-D weight."""
     work = torch.float64 if torch.float64 in (edited.dtype, base.dtype) else torch.float32
@@ -119,9 +130,18 @@ def _restrain_matrix(
     if not (sigma_w > 0 and math.isfinite(sigma_w)):
         raise PosthocError(f"{name}: σmax of the base weight is {sigma_w}; nothing to restrain against")
     delta_sigma = restraint.spectral_norm(delta)
-    _, info = restraint.restrain(delta, sigma_w, alpha, fn=fn, beta=beta, seed=seed, return_info=True)
+    spec = _variant(fn, alpha, beta, variant or {})
+    if spec.protects:  # W's dominant subspace first (prune_ext.spectral), then F above c·σmax(W)
+        from .spectral import dominant_subspace, protect_dense
+
+        delta = protect_dense(delta, dominant_subspace(base_w, spec.protect_energy), spec.protect_damp)
+    _, info = restraint.restrain(delta, spec.threshold_scale * sigma_w, alpha, fn=fn, beta=beta, seed=seed,
+                                 return_info=True)
     kappa_before = restraint.condition_number(edited)
-    if info.restrained:  # F is increasing and F(σ) > σ_W ≥ every value left alone: σmax after is F(σ₁)
+    if spec.protects:
+        new, after = (base_w + delta).to(edited.dtype), restraint.spectral_norm(delta)
+        kappa_after = restraint.condition_number(new)
+    elif info.restrained:  # F is increasing and F(σ) > σ_W ≥ every value left alone: σmax after is F(σ₁)
         new, after = (base_w + delta).to(edited.dtype), float(info.sigma_after[0])
         kappa_after = restraint.condition_number(new)
     else:  # left bit-for-bit as it was
@@ -159,6 +179,9 @@ def restrain_model(
     beta: float = 2.0,
     modules: str | Sequence[str] | None = None,
     seed: int | None = None,
+    threshold_scale: float = 1.0,
+    protect_energy: float | None = None,
+    protect_damp: float = 1.0,
 ) -> list[MatrixReport]:
     """Restrain ``edited`` against ``base`` in place; returns one report per changed matrix.
 
@@ -171,8 +194,14 @@ def restrain_model(
     either weight is float64); the result keeps ``edited``'s dtype. Tied weights are restrained
     once. Raises :class:`PosthocError` if the two do not have the same tensors and shapes, or if a
     ΔW holds NaN or Inf (checked before anything is written: nothing changes then).
+
+    ``threshold_scale``, ``protect_energy``, ``protect_damp``: the spectral variants of
+    :class:`prune_ext.spectral.Restraint` (F above ``threshold_scale`` · σmax(W_base); first damp ΔW's
+    component in W_base's dominant singular subspaces); the defaults are PRUNE.
     """
     _check_fn(restrain, alpha, beta)
+    variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
+    _variant(restrain, alpha, beta, variant)
     globs = _globs(modules)
     ed, bs = _tensors(edited, "edited"), _tensors(base, "base")
     _check_same_layout({k: (str(v.dtype), tuple(v.shape)) for k, v in ed.items()},
@@ -190,7 +219,7 @@ def restrain_model(
     results = []
     for name in todo:  # all results first, so that a NaN found late leaves the model untouched
         results.append(_restrain_matrix(name, ed[name], bs[name].to(ed[name].device), fn=restrain, alpha=alpha,
-                                        beta=beta, seed=seed))
+                                        beta=beta, seed=seed, variant=variant))
     with torch.no_grad():
         for name, (new, _) in zip(todo, results):
             if new is not ed[name]:
@@ -328,6 +357,9 @@ def restrain_folder(
     modules: str | Sequence[str] | None = None,
     seed: int | None = None,
     log: Callable[[str], Any] | None = None,
+    threshold_scale: float = 1.0,
+    protect_energy: float | None = None,
+    protect_damp: float = 1.0,
 ) -> list[MatrixReport]:
     """Restrain the Hugging Face folder ``edited`` against ``base`` and write the result to ``out``.
 
@@ -336,9 +368,12 @@ def restrain_folder(
     differing 2-D weight restrained as in :func:`restrain_model`, and ``prune_ext_restrain.json``
     (the per-matrix reports). Memory is bounded by a few matrices whatever the model's size. Bad
     input (missing files, different tensors, shapes or dtypes, NaN/Inf in a ΔW, ``out`` equal to
-    an input or already there) raises :class:`PosthocError` and writes nothing.
+    an input or already there) raises :class:`PosthocError` and writes nothing. The spectral variants
+    (``threshold_scale``, ``protect_energy``, ``protect_damp``) are those of :func:`restrain_model`.
     """
     _check_fn(restrain, alpha, beta)
+    variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
+    _variant(restrain, alpha, beta, variant)
     globs = _globs(modules)
     out_path = Path(out)
     b, e = _Checkpoint(base, "base"), _Checkpoint(edited, "edited")
@@ -377,7 +412,8 @@ def restrain_folder(
                 w_edit, w_base = e.tensor(name), b.tensor(name)
                 if torch.equal(w_edit, w_base):  # other bytes, same values (-0.0 and 0.0)
                     continue
-                new, report = _restrain_matrix(name, w_edit, w_base, fn=restrain, alpha=alpha, beta=beta, seed=seed)
+                new, report = _restrain_matrix(name, w_edit, w_base, fn=restrain, alpha=alpha, beta=beta, seed=seed,
+                                               variant=variant)
                 reports.append(report)
                 say(_row(report))
                 if new is not w_edit:
@@ -385,6 +421,7 @@ def restrain_folder(
                 del w_edit, w_base, new
         summary = {
             "base": str(b.folder), "edited": str(e.folder), "restrain": restrain, "alpha": alpha, "beta": beta,
+            **variant,
             "modules": globs, "matrices": [r.as_dict() for r in reports],
             "other_changed": other_changed,  # differing tensors that are not 2-D weights: copied as edited
         }

@@ -4,9 +4,17 @@ Restrained runs are drawn solid, unrestrained ones dashed; runs are overlaid in 
 score's 95 % interval (the trace rows' ``"intervals"``) is a shaded band around its line.
 ``summary.md`` shows each final score as ``0.880 [0.83, 0.92]`` with its sample size (``n``) in
 the header when all runs agree, else in the cell; with two or more runs it adds one "reading"
-line per metric and pair of runs: whether the two intervals overlap. ``summary.json`` holds the
-same numbers for generating tables elsewhere. Traces written before intervals existed still
-render (scores without brackets); a torn last line of ``trace.jsonl`` is dropped with one warning.
+line per metric and pair of runs (with four or more runs: each run against the unrestrained and
+the plain-PRUNE runs). Where both rows hold per-item outcomes of the same items (``per_edit`` with
+the same ids at the last checkpoint both reached, ``per_item`` of tasks sampled alike), the reading
+is a paired test (:func:`prune_ext.evaluation.intervals.paired_difference` /
+:func:`~prune_ext.evaluation.intervals.paired_perplexity`): the difference, its 95 % interval, the
+p-value, and "real" (p < 0.05, not corrected for the number of comparisons) or "within noise". Older
+traces fall back to whether the two 95 % intervals overlap, and say so. Runs are labelled by their
+restraint, spectral variants included (``config.json``'s ``variant``, or its threshold_scale /
+protect_energy / protect_damp). ``summary.json`` holds the same numbers for generating tables
+elsewhere. Traces written before intervals existed still render (scores without brackets); a torn
+last line of ``trace.jsonl`` is dropped with one warning.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ LIVE_METRICS = ("live_efficacy", "live_generalization")
 SPECTRAL = (("condition_number", "condition number κ"), ("sigma_max", "σmax"), ("sigma_min", "σmin"),
             ("delta_fro", "‖ΔW‖_F"))
 NOT_TASKS = {"edits", "final", "matrices", "seconds", "n", "intervals", "restraints", "restrained", "edits_scored",
-             "scores_from",
+             "scores_from", "variant", "per_edit", "per_item",
              "perplexity_source",
              *EDIT_METRICS, *LIVE_METRICS}
 
@@ -57,11 +65,18 @@ def label(run: Run) -> str:
     editor = c["editor"].upper() + ("+MPES" if hparams.get("mpes") else "")
     if hparams.get("norm_constraint"):
         editor += f"+norm μ={hparams['norm_constraint']:g}"
-    if not _restrained(run):
+    when = f"every {c['every']}" if c.get("every") else "once"
+    if isinstance(c.get("variant"), dict):  # a --variant-out folder: restrained once by its variant
+        what = f"{c['variant'].get('label') or c['variant'].get('spec')}, once"
+    elif not _restrained(run):
         what = "no PRUNE"
+    elif c.get("threshold_scale", 1.0) != 1.0 or c.get("protect_energy") is not None:
+        from .spectral import Restraint
+
+        what = Restraint(c["restrain"], c["alpha"], c["beta"], c.get("threshold_scale", 1.0),
+                         c.get("protect_energy"), c.get("protect_damp", 1.0)).label() + f", {when}"
     else:
         param = f"α={c['alpha']:g}" if c["restrain"] == "log" else f"β={c['beta']:g}"
-        when = f"every {c['every']}" if c.get("every") else "once"
         what = f"PRUNE {c['restrain']} {param}, {when}"
     return f"{editor} · {what}"
 
@@ -208,8 +223,11 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
     text = summary_table(runs)
     reading = reading_lines(runs)
     if reading:
-        text += "\nReading (final checkpoints; two 95 % intervals that overlap are within noise of each other — a "\
-                "conservative check, not a test of the paired difference):\n\n" + "\n".join(reading) + "\n"
+        text += "\nReading (final checkpoints; where both runs hold per-item outcomes of the same items, a paired "\
+                "test: the difference b − a with its 95 % paired-bootstrap interval and p — McNemar's exact test for "\
+                "0/1 outcomes, else a sign-flip permutation test — 'real' when p < 0.05, not corrected for the "\
+                "number of comparisons; else whether two 95 % intervals overlap, a conservative check):\n\n" \
+                + "\n".join(reading) + "\n"
     written.append(atomic_write_text(out / "summary.md", text))
     written.append(write_json(out / "summary.json", summary_data(runs)))
     return written
@@ -272,33 +290,122 @@ def summary_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_reference(run: Run) -> bool:
+    """An unrestrained run or plain PRUNE: what every variant is compared against."""
+    c = run["config"]
+    plain = not isinstance(c.get("variant"), dict) and c.get("threshold_scale", 1.0) == 1.0 \
+        and c.get("protect_energy") is None
+    return plain
+
+
+def _pairs(runs: list[Run]) -> list[tuple[int, int]]:
+    """Every pair of up to three runs; from four on, each run against the reference runs."""
+    pairs = [(i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    if len(runs) <= 3:
+        return pairs
+    refs = {i for i, r in enumerate(runs) if _is_reference(r)}
+    return [(i, j) for i, j in pairs if i in refs or j in refs]
+
+
+def _common_rows(a: Run, b: Run) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The two runs' rows at the last checkpoint both reached, if both hold per-edit outcomes there."""
+    rows_a = {r["edits"]: r for r in a["rows"] if r.get("per_edit")}
+    rows_b = {r["edits"]: r for r in b["rows"] if r.get("per_edit")}
+    common = sorted(set(rows_a) & set(rows_b))
+    return (rows_a[common[-1]], rows_b[common[-1]]) if common else None
+
+
+_TASK_SAMPLE = ("seed", "limit", "task_data", "corpus")  # what decides which task examples are scored
+
+
+def _values(values: list[Any]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def _paired_test(a: Run, b: Run, metric: str) -> dict[str, Any] | None:
+    """The paired test of one metric between two runs, or None where they hold no paired outcomes."""
+    from .evaluation.intervals import paired_difference, paired_perplexity
+
+    pair = _common_rows(a, b)
+    per_metric = metric in EDIT_METRICS or metric in LIVE_METRICS or metric.endswith("_prob")
+    if per_metric:
+        if pair is None:
+            return None
+        pa, pb = pair[0]["per_edit"], pair[1]["per_edit"]
+        if pa.get("ids") != pb.get("ids") or metric not in pa or metric not in pb:
+            return None
+        result = paired_difference(_values(pa[metric]), _values(pb[metric]))
+        return {**result, "edits": pair[0]["edits"], "items": "edits"}
+    ra, rb = a["rows"][-1], b["rows"][-1]
+    ia, ib = (ra.get("per_item") or {}).get(metric), (rb.get("per_item") or {}).get(metric)
+    if ia is None or ib is None or any(a["config"].get(k) != b["config"].get(k) for k in _TASK_SAMPLE):
+        return None
+    if "logprob" in ia and "logprob" in ib:
+        if ia["tokens"] != ib["tokens"]:  # not the same passages
+            return None
+        result = paired_perplexity(ia["logprob"], ib["logprob"], ia["tokens"])
+        return {**result, "items": "texts"}
+    if len(ia.get("value", [])) != len(ib.get("value", [])):
+        return None
+    return {**paired_difference(_values(ia["value"]), _values(ib["value"])), "items": "examples"}
+
+
 def _comparisons(runs: list[Run]) -> list[dict[str, Any]]:
-    """Per pair of runs and metric with an interval in both final checkpoints: do the intervals overlap?"""
+    """Per compared pair of runs and metric: the paired test where both hold per-item outcomes of the
+    same items, else whether the final checkpoints' intervals overlap (``paired`` None)."""
     labels = _labels(runs)
+    metrics = _metrics(runs)
+    probs = [f"{m}_prob" for m in EDIT_METRICS if any(r.get("per_edit") for run in runs for r in run["rows"])]
     out = []
-    for i in range(len(runs)):
-        for j in range(i + 1, len(runs)):
-            for metric in _metrics(runs):
-                a_mean, a_int, _ = _score(runs[i]["rows"][-1], metric)
-                b_mean, b_int, _ = _score(runs[j]["rows"][-1], metric)
-                if a_int is None or b_int is None:
-                    continue
-                overlap = a_int[0] <= b_int[1] and b_int[0] <= a_int[1]
-                out.append({"a": labels[i], "b": labels[j], "metric": metric, "overlap": overlap,
-                            "a_mean": a_mean, "a_interval": a_int, "b_mean": b_mean, "b_interval": b_int})
+    for i, j in _pairs(runs):
+        for metric in [*metrics, *probs]:
+            a_mean, a_int, _ = _score(runs[i]["rows"][-1], metric)
+            b_mean, b_int, _ = _score(runs[j]["rows"][-1], metric)
+            paired = _paired_test(runs[i], runs[j], metric)
+            if paired is None and (a_int is None or b_int is None):
+                continue
+            overlap = None if a_int is None or b_int is None else a_int[0] <= b_int[1] and b_int[0] <= a_int[1]
+            out.append({"a": labels[i], "b": labels[j], "metric": metric, "overlap": overlap, "paired": paired,
+                        "a_mean": a_mean, "a_interval": a_int, "b_mean": b_mean, "b_interval": b_int})
     return out
 
 
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _paired_line(c: dict[str, Any]) -> str:
+    t = c["paired"]
+    verdict = "real" if t["p"] < 0.05 else "within noise"
+    test = "McNemar" if t["test"] == "mcnemar" else "sign-flip"
+    where = f"{t['n']} {t['items']}" + (f" at {t['edits']} edits" if "edits" in t else "")
+    if "ratio" in t:  # perplexity
+        diff = f"b/a = {t['ratio']:.3f} [{t['interval'][0]:.3f}, {t['interval'][1]:.3f}]"
+    else:
+        diff = f"b − a = {t['difference']:+.3f} [{t['interval'][0]:+.3f}, {t['interval'][1]:+.3f}]"
+    extra = f", {t['discordant'][0]} vs {t['discordant'][1]} discordant" if t.get("discordant") else ""
+    scores = ""
+    if c["a_mean"] is not None and c["b_mean"] is not None:
+        scores = f" {_fmt_score(c['a_mean'], c['a_interval'])} vs {_fmt_score(c['b_mean'], c['b_interval'])};"
+    return (f"- {c['metric']} (paired, {where}): a = {c['a']}, b = {c['b']};{scores} {diff}, {test} "
+            f"{_p(t['p'])}{extra}: **{verdict}**")
+
+
 def reading_lines(runs: list[Run]) -> list[str]:
-    """One markdown line per metric and pair of runs: the two scores and whether their intervals overlap."""
+    """One markdown line per metric and compared pair of runs: the paired test where possible, else
+    the two scores and whether their intervals overlap (saying that no per-item outcomes were kept)."""
     lines = []
     for c in _comparisons(runs):
+        if c["paired"] is not None:
+            lines.append(_paired_line(c))
+            continue
         if c["overlap"]:
             verdict = "intervals overlap (within noise)"
         else:
             verdict = f"intervals do not overlap ({c['a'] if c['a_mean'] > c['b_mean'] else c['b']} higher)"
         lines.append(f"- {c['metric']}: {c['a']} {_fmt_score(c['a_mean'], c['a_interval'])} vs {c['b']} "
-                     f"{_fmt_score(c['b_mean'], c['b_interval'])}: {verdict}")
+                     f"{_fmt_score(c['b_mean'], c['b_interval'])}: {verdict} (no per-item outcomes of the same "
+                     f"items in both traces: interval overlap, not a paired test)")
     return lines
 
 

@@ -479,11 +479,19 @@ def test_counterfact_style_scripted(tok):
     edited = ScriptedLM(tok, _script(REQS, new=True))
     r = em.evaluate_edits(edited, tok, REQS, "counterfact", progress=False, per_edit=True)
     assert (r["efficacy"], r["generalization"], r["locality"]) == (1.0, 1.0, 1.0)
-    assert r["per_edit"] == [{"efficacy": 1.0, "generalization": 1.0, "locality": 1.0}] * 2
+    flags = ("efficacy", "generalization", "locality")
+    assert [{m: row[m] for m in flags} for row in r["per_edit"]] == [dict.fromkeys(flags, 1.0)] * 2
+    p_scripted = math.exp(10) / (math.exp(10) + len(tok) - 1)  # logit 10 against len(tok) − 1 zeros
+    for row in r["per_edit"]:  # the probability of the wanted answer, and the margin whose sign is the flag
+        assert all(row[f"{m}_prob"] == pytest.approx(p_scripted, rel=1e-5) and row[f"{m}_margin"] > 0
+                   for m in flags)
+    edited_probs = [row["efficacy_prob"] for row in r["per_edit"]]
 
     unedited = ScriptedLM(tok, _script(REQS, new=False))
-    r = em.evaluate_edits(unedited, tok, REQS, "counterfact", progress=False)
+    r = em.evaluate_edits(unedited, tok, REQS, "counterfact", progress=False, per_edit=True)
     assert (r["efficacy"], r["generalization"], r["locality"]) == (0.0, 0.0, 1.0)
+    for row, p_edited in zip(r["per_edit"], edited_probs):
+        assert row["efficacy_margin"] < 0 and row["efficacy_prob"] < p_edited and row["locality_margin"] > 0
 
     # Edited, but the neighbours now say the new target: locality lost. Ties (uniform) fail.
     s = _script(REQS, new=True, neighbors=False)
@@ -689,6 +697,9 @@ def test_random_tiny_model_tasks_on_real_data(tiny_gpt2, tok):
     assert r1 == r2
     assert all(0.0 <= r1[t] <= 1.0 for t in T.DEFAULT_TASKS)
     assert 1.0 < r1["perplexity"] < math.inf
+    ppl = r1["per_item"]["perplexity"]  # the per-text values reproduce the token-weighted perplexity
+    assert math.exp(-sum(ppl["logprob"]) / sum(ppl["tokens"])) == pytest.approx(r1["perplexity"], rel=1e-12)
+    assert all(sum(r1["per_item"][t]["value"]) / 3 == pytest.approx(r1[t]) for t in T.DEFAULT_TASKS)
     assert r1["n"] == dict.fromkeys(T.TASKS, 3)
     assert all(lo <= r1[t] <= hi for t, (lo, hi) in r1["intervals"].items())
     assert r1["perplexity_source"] == "RTE premises (sentence1 of rte.tsv)"
@@ -769,8 +780,9 @@ def test_tasks_scripted_right_and_wrong(task_dir, tok):
     assert all(o["hint"].startswith("Some reasoning") and "Q:" not in o["hint"] for o in res.outputs)
     scores = T.evaluate_tasks(right, tok, data_dir=root, limit=None, progress=False)
     assert {t: scores[t] for t in T.DEFAULT_TASKS} == {"gsm8k": 1.0, "rte": 1.0, "nq": 1.0, "samsum": 1.0}
-    assert set(scores) == {*T.DEFAULT_TASKS, "n", "intervals"}
+    assert set(scores) == {*T.DEFAULT_TASKS, "n", "intervals", "per_item"}
     assert scores["n"] == {"gsm8k": 2, "rte": 3, "nq": 2, "samsum": 2}
+    assert scores["per_item"] == {t: {"value": [1.0] * scores["n"][t]} for t in T.DEFAULT_TASKS}
     # all right: Wilson's lower bound for k = n is 1 / (1 + z²/n), the upper bound 1
     z2 = 1.959963984540054**2
     for t in T.DEFAULT_TASKS:  # (ROUGE of exactly 1.0 everywhere is all 0/1 values too: Wilson)

@@ -270,3 +270,52 @@ def test_a_run_extended_to_more_edits_equals_the_longer_run(model_dir, tmp_path)
     with pytest.raises(ExperimentError, match="more than"):
         run_experiment(config_for(model_dir, tmp_path / "run", unrestrained_out=str(tmp_path / "run-plain"),
                                   num_edits=2), **QUIET)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+def test_variant_outputs_hold_their_variant_and_pair_by_edit(llama_dir, tmp_path):
+    """--variant-out: each folder holds W + variant(ΔW) of the same pass (checked against the float64
+    reference of test_spectral), rows carry per-edit outcomes with the same ids, and a variant added
+    when the run is resumed starts from there and says so."""
+    from safetensors.torch import load_file as load
+    from test_spectral import _reference
+
+    from prune_ext.spectral import parse_restraint
+
+    variants = {str(tmp_path / "half"): "scale=0.3", str(tmp_path / "protect"): "restrain=none,protect=0.5,damp=1"}
+    config = config_for(llama_dir, tmp_path / "prune", unrestrained_out=str(tmp_path / "plain"), num_edits=4,
+                        variant_outs=variants)
+    run_experiment(config, **QUIET)
+    base = load(str(llama_dir / "model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "weights.safetensors"))
+    rows = {f: read_jsonl(tmp_path / f / "trace.jsonl") for f in ("prune", "plain", "half", "protect")}
+    assert all([r["edits"] for r in rs] == [0, 2, 4] for rs in rows.values())
+    for folder, spec in variants.items():
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        assert cfg["variant"]["spec"] == parse_restraint(spec, parse_restraint("restrain=log,alpha=1.2")).spec()
+        got = load_file(str(Path(folder) / "weights.safetensors"))
+        for key, held in got.items():
+            W = base[key]
+            want = W.double() + _reference(plain[key].double() - W.double(), W, parse_restraint(spec))
+            assert float((held.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    digests = {f: next(iter(rs[-1]["matrices"].values()))["sha256"] for f, rs in rows.items()}
+    assert len(set(digests.values())) == 4, "every variant changed the weights (else the test tells nothing)"
+    for rs in rows.values():
+        for row in rs[1:]:
+            per = row["per_edit"]
+            assert per["ids"] == list(range(row["edits"]))
+            assert len(per["efficacy"]) == len(per["efficacy_prob"]) == len(per["ids"])
+            assert sum(per["efficacy"]) / len(per["ids"]) == pytest.approx(row["efficacy"])
+    # resume the pass to 6 edits with one more variant: its rows begin at the first checkpoint from the
+    # point the pass resumed at (here 4, a checkpoint: the books hold exactly the 4 edits)
+    more = {**variants, str(tmp_path / "late"): "scale=0.5"}
+    run_experiment(config_for(llama_dir, tmp_path / "prune", unrestrained_out=str(tmp_path / "plain"),
+                              num_edits=6, variant_outs=more), **QUIET)
+    late = read_jsonl(tmp_path / "late" / "trace.jsonl")
+    assert [r["edits"] for r in late] == [4, 6]
+    assert json.loads((tmp_path / "late" / "config.json").read_text())["added_after_edits"] == 4
+    assert [r["edits"] for r in read_jsonl(tmp_path / "half" / "trace.jsonl")] == [0, 2, 4, 6]

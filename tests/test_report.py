@@ -156,3 +156,51 @@ def test_mixed_formats_and_duplicate_labels(tmp_path):
     assert "| ROME · PRUNE log α=1.2, once (old) | 50 | 0.900 |" in lines[2]
     assert "| ROME · PRUNE log α=1.2, once (new) | 50 | 0.700 [0.60, 0.80] |" in lines[3]
     assert report.reading_lines([report.load_run(old), report.load_run(new)]) == []  # old has no intervals
+
+
+def _paired_row(edits: int, flags: list[int], probs: list[float], ppl_logprobs: list[float], **kw) -> dict:
+    row = _new_row(edits, sum(flags) / len(flags), [0.0, 1.0], 40.0, [38.0, 42.0], **kw)
+    row["per_edit"] = {"ids": list(range(len(flags))), "efficacy": flags, "efficacy_prob": probs}
+    row["per_item"] = {"perplexity": {"logprob": ppl_logprobs, "tokens": [10] * len(ppl_logprobs)}}
+    return row
+
+
+def test_paired_readings_when_rows_share_edits(tmp_path):
+    from prune_ext.evaluation.intervals import mcnemar_exact, paired_perplexity
+
+    flags_a = [1] * 30 + [0] * 10
+    flags_b = [0] * 12 + [1] * 18 + [1] * 1 + [0] * 9  # 12 edits lost, 1 gained
+    probs = [0.6] * 40
+    lp = [-20.0] * 40
+    a = _run(tmp_path / "a", [_paired_row(40, flags_a, probs, lp, final=True)])
+    b = _run(tmp_path / "b", [_paired_row(40, flags_b, [0.6] * 40, [-21.0] * 40, final=True)],
+             variant={"spec": "restrain=none,protect=0.5,damp=1", "label": "protect 50 % (d=1)"})
+    lines = report.reading_lines([report.load_run(a), report.load_run(b)])
+    eff = next(line for line in lines if line.startswith("- efficacy (paired"))
+    p = mcnemar_exact(12, 1)
+    assert f"p = {p:.3f}" in eff and "12 vs 1 discordant" in eff and "**real**" in eff and "40 edits" in eff
+    assert "protect 50 % (d=1), once" in eff  # the variant labels its run
+    prob = next(line for line in lines if line.startswith("- efficacy_prob (paired"))
+    assert "**within noise**" in prob and "+0.000" in prob
+    ppl = next(line for line in lines if line.startswith("- perplexity (paired"))
+    want = paired_perplexity(lp, [-21.0] * 40, [10] * 40)
+    assert f"b/a = {want['ratio']:.3f}" in ppl and "**real**" in ppl
+    # a run of an older writer (no per-edit outcomes): the overlap reading, saying why
+    c = _run(tmp_path / "c", [_new_row(40, 0.5, [0.35, 0.65], 41.0, [39.0, 43.0], final=True)])
+    lines = report.reading_lines([report.load_run(a), report.load_run(c)])
+    assert any(line.startswith("- efficacy: ") and "not a paired test" in line for line in lines)
+    data = report.summary_data([report.load_run(a), report.load_run(b)])
+    assert any(c["paired"] and c["paired"]["test"] == "mcnemar" for c in data["comparisons"])
+
+
+def test_many_runs_are_compared_against_the_references(tmp_path):
+    rows = lambda: [_paired_row(40, [1, 0] * 20, [0.5] * 40, [-20.0] * 40, final=True)]  # noqa: E731
+    folders = [_run(tmp_path / "plain", rows(), restrain="none"), _run(tmp_path / "prune", rows()),
+               _run(tmp_path / "v1", rows(), threshold_scale=0.5),
+               _run(tmp_path / "v2", rows(), protect_energy=0.5, protect_damp=0.8)]
+    runs = [report.load_run(f) for f in folders]
+    assert report.label(runs[2]).endswith("log α=1.2 above 0.5σ_W, once")
+    assert "protect 50 % (d=0.8) + PRUNE log α=1.2, once" in report.label(runs[3])
+    pairs = {(c["a"], c["b"]) for c in report._comparisons(runs)}
+    labels = report._labels(runs)
+    assert (labels[2], labels[3]) not in pairs and len(pairs) == 5  # 6 pairs less variant vs variant

@@ -246,6 +246,53 @@ def test_every_counts_edits_not_batches(n, batch, every, expected):
     assert sum(r["restrained"]["0"] for r in session.restraints) > 0, "updates too small to test"
 
 
+@pytest.mark.parametrize("kw", [
+    {"restrain": "log", "threshold_scale": 0.5},
+    {"restrain": "none", "protect_energy": 0.6, "protect_damp": 1.0},
+    {"restrain": "linear", "beta": 3.0, "protect_energy": 0.3, "protect_damp": 0.5, "threshold_scale": 2.0},
+])
+def test_every_k_with_a_spectral_variant_restrains_the_books_like_the_reference(kw, tmp_path):
+    """The variant options reach the scheduled restraint: after each one the books hold the float64
+    reference of test_spectral applied to the books before it (W of the stand-in editor's layer)."""
+    from test_spectral import _reference
+
+    from prune_ext.spectral import Restraint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20))
+    W = model[0].weight.detach().clone()
+    session = EditingSession(model, None, _BatchEditor(model), every=4, progress=False, **kw)
+    spec = Restraint(kw["restrain"], kw.get("alpha", 1.2), kw.get("beta", 2.0), kw.get("threshold_scale", 1.0),
+                     kw.get("protect_energy"), kw.get("protect_damp", 1.0))
+    assert session.schedule.kind == "every"
+    session.run(list(range(12)), batch_size=2, finish=False)  # restrained at 4, 8 and 12 edits
+    assert [r["edits"] for r in session.restraints] == [4, 8, 12]
+    session.edit([12, 13])
+    # the restraint of the current books equals the reference
+    books = session.ledgers["0"].delta().double()
+    session.restrain_now()
+    want = _reference(books, W, spec)
+    got = session.ledgers["0"].delta().double()
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(model[0].weight.detach().double(), W.double() + got, rtol=0, atol=1e-5)
+    # a checkpoint remembers the variant: another one refuses it
+    session.save(tmp_path / "s.safetensors")
+    other = {**kw, "protect_energy": 0.9 if kw.get("protect_energy") is None else None}
+    with pytest.raises(ValueError, match="protect_energy"):
+        EditingSession(torch.nn.Sequential(torch.nn.Linear(30, 20)), None, _BatchEditor(model), every=4,
+                       progress=False, checkpoint=tmp_path / "s.safetensors", **other)
+
+
+def test_protection_alone_is_a_schedule_and_bad_variants_fail_early():
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20))
+    s = EditingSession(model, None, _BatchEditor(model), restrain="none", protect_energy=0.5, progress=False)
+    assert s.schedule.kind == "once" and "protection" in str(s.schedule)
+    assert EditingSession(model, None, _BatchEditor(model), restrain="none", progress=False).schedule.kind == "none"
+    for bad in ({"threshold_scale": 0.0}, {"protect_energy": 1.5}, {"protect_damp": -0.1}):
+        with pytest.raises(ValueError):
+            EditingSession(model, None, _BatchEditor(model), progress=False, **bad)
+
+
 def _logits(model, tok) -> torch.Tensor:
     ids = tok(["The home town of Alice Smith is", "Bob Jones lives in"], return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -349,7 +349,10 @@ def evaluate_edits(
     ``"intervals"`` (each metric's 95 % interval over edits, ``[lo, hi]``; see
     :mod:`.intervals`; bootstrap seeded with ``seed``). With ``per_edit=True`` it also holds
     ``"per_edit"``: one dict of the scores per request, in order (to see which earlier edits were
-    forgotten).
+    forgotten), with, per metric, ``<metric>_prob`` (the mean over its prompts of P(wanted target) =
+    exp(mean log-prob over the target's tokens); the wanted target is ``target_new`` for efficacy and
+    generalization, the true answer for locality) and, in the CounterFact style, ``<metric>_margin``
+    (the mean of mean log P(wanted) − mean log P(other), whose sign is the success flag).
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
@@ -424,6 +427,14 @@ def evaluate_edits(
         return s[op[1]].agreement(op[2])
 
     rows = [{m: _mean([value(op, scores) for op in ops]) for m, ops in entry.items()} for entry in plan]
+    if per_edit:  # the probabilities behind each success flag, for paired tests between runs
+        for row, entry in zip(rows, plan):
+            for m, ops in entry.items():
+                row[f"{m}_prob"] = _mean([math.exp(scores[op[1]].mean_logprob) for op in ops])
+                prefer = [op for op in ops if op[0] == "prefer"]
+                if prefer:
+                    row[f"{m}_margin"] = _mean([scores[op[1]].mean_logprob - scores[op[2]].mean_logprob
+                                                for op in prefer])
     metrics = ["efficacy", "generalization", "locality"]
     if live:  # one generation pass over every edit and paraphrase prompt, then split back per edit
         live_prompts = {

@@ -281,7 +281,8 @@ def evaluate_tasks(
     not name is a ``ValueError``); None: all.
 
     Returns ``{task: score, ..., "n": {task: examples}, "intervals": {task: [lo, hi]}}`` and, for
-    perplexity, ``"perplexity_source"`` (what text was scored). Merge it with
+    perplexity, ``"perplexity_source"`` (what text was scored), and ``"per_item"``: per task, its
+    per-example values (``value``; perplexity: ``logprob`` and ``tokens``). Merge it with
     :func:`~prune_ext.evaluation.evaluate_edits`'s result through
     :func:`~prune_ext.evaluation.intervals.merge_results`, which merges the nested dicts.
     All names and data files are checked before any model work starts.
@@ -314,6 +315,9 @@ def evaluate_tasks(
         results[name] = res.score
         results["n"][name] = res.n
         results["intervals"][name] = list(res.interval)
+        # per-example values, in the seeded sample's order (the same in every run): paired tests
+        keys = ("logprob", "tokens") if get_task(name).kind == "perplexity" else ("value",)
+        results.setdefault("per_item", {})[name] = {k: [o[k] for o in res.outputs] for k in keys}
         if get_task(name).held_out:
             results[f"{name}_source"] = res.source
     return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prune_ext import restraint
+from prune_ext import restraint, spectral
 from prune_ext.updates import LowRankUpdate
 
 __all__ = ["MatrixLedger"]
@@ -29,6 +29,7 @@ class MatrixLedger:
         self.dense: torch.Tensor | None = None  # used instead of the factors once an update has none
         self.compressed_rank = 0
         self.sigma_w = restraint.spectral_norm(self.original)
+        self._subspaces: dict[float, spectral.Subspace] = {}  # W's dominant subspaces, by energy share
 
     @property
     def rank_bound(self) -> int:
@@ -79,20 +80,29 @@ class MatrixLedger:
         else:
             self.dense = delta
 
-    def restrained(self, fn: str, alpha: float, beta: float) -> tuple[int, Delta]:
-        """(number of values above σ_W, restrained ΔW as factors or dense); ΔW is left as it is."""
+    def subspace(self, energy: float) -> spectral.Subspace:
+        """W's top-r singular subspaces for an energy share, computed once (W never changes)."""
+        if energy not in self._subspaces:
+            self._subspaces[energy] = spectral.dominant_subspace(self.original, energy)
+        return self._subspaces[energy]
+
+    def restrained(self, fn: str, alpha: float, beta: float, *, threshold_scale: float = 1.0,
+                   protect_energy: float | None = None, protect_damp: float = 1.0) -> tuple[int, Delta]:
+        """(number of values above the threshold, restrained ΔW as factors or dense); ΔW is left as it is.
+
+        PRUNE by default; ``threshold_scale`` / ``protect_energy`` / ``protect_damp`` are the variants
+        of :class:`prune_ext.spectral.Restraint` (protection of W's dominant subspace first, then F
+        above ``threshold_scale`` · σmax(W)). When nothing changes, the kept ΔW itself comes back."""
+        spec = spectral.Restraint(fn, alpha, beta, threshold_scale, protect_energy, protect_damp)  # type: ignore[arg-type]
+        sub = self.subspace(protect_energy) if spec.protects else None  # type: ignore[arg-type]
         if self.dense is not None:
-            out, info = restraint.restrain(self.dense.clone(), self.sigma_w, alpha, fn=fn, beta=beta,
-                                           return_info=True)
-            return info.restrained, out
-        if self.left.shape[1] == 0:
-            return 0, (self.left, self.right)
-        new_left, new_right, sigma = restraint.restrain_factors(self.left, self.right, self.sigma_w, alpha,
-                                                                fn=fn, beta=beta)
-        k = int((sigma > self.sigma_w).sum())
-        # nothing above σ_W: F(ΔW) = ΔW, so the factors as they are (the new ones are ΔW in SVD form,
-        # equal only to rounding), and W + F(ΔW) is bit for bit W + ΔW, as the dense restraint's no-op
-        return (k, (new_left, new_right)) if k else (0, (self.left, self.right))
+            if not spec.active:
+                return 0, self.dense
+            work = self.dense if spec.protects else self.dense.clone()  # protection copies; the restraint is in place
+            return spectral.apply_dense(work, self.sigma_w, spec, subspace=sub)
+        # nothing above the threshold: the factors as they are (new ones would be ΔW in SVD form, equal
+        # only to rounding), so W + F(ΔW) is bit for bit W + ΔW, as the dense restraint's no-op
+        return spectral.apply_factors(self.left, self.right, self.sigma_w, spec, subspace=sub)
 
     def weight(self, delta: Delta | None = None) -> torch.Tensor:
         """W + ΔW (or W + the given ΔW) in float32: the one formula for what a model holds."""
@@ -112,6 +122,7 @@ class MatrixLedger:
         """The ledger that :meth:`tensors` saved."""
         ledger = cls.__new__(cls)
         ledger.name, ledger.sigma_w, ledger.compressed_rank = name, sigma_w, compressed_rank
+        ledger._subspaces = {}
         ledger.original = tensors[f"{name}::original"].to(store_device)
         ledger.left = tensors[f"{name}::left"].to(store_device)
         ledger.right = tensors[f"{name}::right"].to(store_device)

@@ -109,6 +109,10 @@ class EditingSession:
         hparams: editor hyper-parameters (or a dict of overrides of the model's defaults).
         restrain: ``"none"``, ``"log"`` (the paper's F, with ``alpha``) or ``"linear"`` (with ``beta``).
         every: restrain every ``every`` edits (see :class:`Schedule`); ``None``: once, at :meth:`finish`.
+        threshold_scale, protect_energy, protect_damp: a spectral variant of the restraint
+            (:class:`prune_ext.spectral.Restraint`: F above ``threshold_scale`` · σmax(W); first remove,
+            or damp by ``protect_damp``, ΔW's component in W's top singular subspaces holding a share
+            ``protect_energy`` of W's energy). ``restrain="none"`` with ``protect_energy``: protection only.
         max_rank: recompress the factors when their rank passes this (default 64 + min(m, n) // 8).
         checkpoint: a file to save the session to (atomically) every ``save_every`` edits and on
             interrupt; if it exists, the session resumes from it.
@@ -134,10 +138,12 @@ class EditingSession:
         corpus: str | os.PathLike[str] | None = None,
         cov_cache_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        threshold_scale: float = 1.0,
+        protect_energy: float | None = None,
+        protect_damp: float = 1.0,
     ) -> None:
-        self.schedule = Schedule(restrain, every)
-        if restrain != "none":
-            restraint._fn_args(restrain, alpha, beta)  # fail now, not after hours of editing
+        self.schedule = Schedule(restrain, every, threshold_scale, protect_energy, protect_damp)
+        self.schedule.restraint(alpha, beta)  # fail now, not after hours of editing
         self.model, self.tokenizer = model, tokenizer
         if isinstance(editor, str):
             from prune_ext.editing import make_editor
@@ -195,7 +201,7 @@ class EditingSession:
         a restraint), ΔW as the books have it. Nothing is written when the model already holds that
         view. (Once a once-at-the-end session is finished the books still hold the unrestrained ΔW
         and the model W + F(ΔW); an every-k session's books are restrained at its scheduled points.)"""
-        want = HELD_RESTRAINED if restrained and self.restrain != "none" else HELD_EDITED
+        want = HELD_RESTRAINED if restrained and self.schedule.kind != "none" else HELD_EDITED
         if want == self.held:
             return
         views = self._restrained_views() if want == HELD_RESTRAINED else {}
@@ -211,7 +217,7 @@ class EditingSession:
         """W + ΔW (``restrained=False``) or W + F(ΔW) per module, float32, without touching the model:
         with the once-at-the-end schedule one editing pass yields both final models."""
         out = {}
-        views = self._restrained_views() if restrained and self.restrain != "none" else {}
+        views = self._restrained_views() if restrained and self.schedule.kind != "none" else {}
         for name, ledger in self.ledgers.items():
             out[name] = ledger.weight(views[name][1] if views else None)
         return out
@@ -310,19 +316,37 @@ class EditingSession:
 
     def _restrained_views(self) -> dict[str, tuple[int, Any]]:
         """Per matrix: (values above σ_W, F(ΔW)), the books left as they are."""
-        return {name: ledger.restrained(self.restrain, self.alpha, self.beta) for name, ledger in self.ledgers.items()}
+        return self.views(self.schedule.restraint(self.alpha, self.beta))
+
+    def views(self, spec: Any) -> dict[str, tuple[int, Any]]:
+        """Per matrix: (values above the threshold, ΔW restrained by ``spec``, a
+        :class:`prune_ext.spectral.Restraint`), the books left as they are."""
+        return {name: ledger.restrained(spec.fn, spec.alpha, spec.beta, threshold_scale=spec.threshold_scale,
+                                        protect_energy=spec.protect_energy, protect_damp=spec.protect_damp)
+                for name, ledger in self.ledgers.items()}
+
+    def hold_variant(self, spec: Any) -> None:
+        """Set every edited matrix to W + R(ΔW) for another restraint ``spec`` (a
+        :class:`prune_ext.spectral.Restraint`), the books left as they are: one editing pass evaluated
+        under several once-at-the-end variants. :attr:`held` names it; the next edit holds W + ΔW again."""
+        label = f"W+R(dW)[{spec.spec()}]"
+        if self.held == label:
+            return
+        for name, (_, delta) in self.views(spec).items():
+            self._write(name, delta)
+        self.held = label
 
     def restrain_now(self) -> dict[str, int]:
         """Restrain every edited matrix now: ΔW ← F(ΔW) in the books and W + F(ΔW) in the model.
         Returns the number of singular values restrained per module (0: nothing changed)."""
-        if self.restrain == "none":
-            raise RuntimeError("this session was created with restrain='none'")
+        if self.schedule.kind == "none":
+            raise RuntimeError("this session was created with restrain='none' and no protection")
         self.hold(restrained=False)
         start = time.perf_counter()
         changed: dict[str, int] = {}
         for name, (k, new_delta) in self._restrained_views().items():
             changed[name] = k
-            if k:
+            if k or self.schedule.protects:
                 self.ledgers[name].replace(new_delta)
                 self._write(name)
         seconds = time.perf_counter() - start
@@ -408,6 +432,8 @@ class EditingSession:
             "format": FORMAT_VERSION,
             "method": self.method,
             "restrain": self.restrain, "alpha": self.alpha, "beta": self.beta, "every": self.every,
+            "threshold_scale": self.schedule.threshold_scale, "protect_energy": self.schedule.protect_energy,
+            "protect_damp": self.schedule.protect_damp,
             "held": self.held,
             "edits_done": self.edits_done, "steps_done": self.steps_done, "finished": self.finished,
             "edit_seconds": self.edit_seconds,
@@ -436,10 +462,12 @@ class EditingSession:
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads "
                              f"{FORMAT_VERSION}: use another checkpoint path")
-        for key in ("restrain", "every", "alpha", "beta", "method"):
-            if meta[key] != getattr(self, key):
-                raise ValueError(f"{path} was saved with {key}={meta[key]!r}, this session has "
-                                 f"{key}={getattr(self, key)!r}: use another checkpoint path")
+        variant = {"threshold_scale": 1.0, "protect_energy": None, "protect_damp": 1.0}  # defaults of older saves
+        for key in ("restrain", "every", "alpha", "beta", "method", *variant):
+            mine = getattr(self.schedule, key) if key in variant else getattr(self, key)
+            if meta.get(key, variant.get(key)) != mine:
+                raise ValueError(f"{path} was saved with {key}={meta.get(key, variant.get(key))!r}, this session "
+                                 f"has {key}={mine!r}: use another checkpoint path")
         tensors = load_file(str(path))
         for name, info in meta["modules"].items():
             store = self._store(_get_weight(self.model, name))
