@@ -247,7 +247,7 @@ def test_apply_edits_is_sequential_and_each_update_is_what_was_applied(tok, tmp_
     path = str(fresh_editor_dir(model, tmp_path))
     reqs = make_requests()[:2]
     before = {n: get_module(model, n).weight.detach().clone() for n in edited_names(model)}
-    updates = apply_edits(model, tok, reqs, method="mend", hparams={"editor_path": path}, progress=False)
+    updates = apply_edits(model, tok, reqs, editor="mend", hparams={"editor_path": path}, progress=False)
     assert len(updates) == 2 * len(before)
     for name, weight in before.items():
         total = sum(u.dense() for u in updates if u.module == name)

@@ -204,9 +204,9 @@ def test_restrain_model_with_a_variant_matches_the_reference():
     delta = matrix_with_spectrum(48, 64, values, seed=12, dtype=torch.float64)
     edited = {"w": (W.double() + delta).float()}
     delta_stored = edited["w"].double() - W.double()  # ΔW as the float32 checkpoints hold it
-    restrain_model(edited, {"w": W}, alpha=1.5, threshold_scale=0.5, protect_energy=spec.protect_energy,
+    restrain_model({"w": W}, edited, alpha=1.5, threshold_scale=0.5, protect_energy=spec.protect_energy,
                    protect_damp=0.7)
     want = W.double() + _reference(delta_stored, W, spec)
     assert float((edited["w"].double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
     with pytest.raises(PosthocError, match="threshold_scale"):
-        restrain_model({"w": W + 1}, {"w": W}, threshold_scale=-1.0)
+        restrain_model({"w": W}, {"w": W + 1}, threshold_scale=-1.0)

@@ -4,7 +4,7 @@ Quick use::
 
     from prune_ext.editing import load_model, apply_edits, load_counterfact
     model, tok = load_model("smollm2-135m")
-    updates = apply_edits(model, tok, load_counterfact(limit=10), method="rome")
+    updates = apply_edits(model, tok, load_counterfact(limit=10), editor="rome")
 
 ``updates`` are :class:`prune_ext.updates.LowRankUpdate` objects (ΔW = left @ right.T in the
 stored layout of ``module``'s weight), already applied to the model by ``apply_edits``. Editors

@@ -102,11 +102,11 @@ class EditRequest:
 
 
 def data_dir() -> Path:
-    """The shared evaluation data folder: ``$PRUNE_EXT_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("PRUNE_EXT_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    """The shared evaluation data folder (``$PRUNE_EXT_DATA`` or the checkout's default; one rule for
+    requests and tasks: :func:`prune_ext.evaluation.tasks.resolve_data_dir`)."""
+    from ..evaluation.tasks import resolve_data_dir
+
+    return resolve_data_dir()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prune_ext.io import atomic_write, atomic_write_text, write_json
+from prune_ext.io import atomic_write, atomic_write_text, json_text, write_json
 
 from ..models import arch_spec, editing_mode, get_module, model_id
 from ..requests import EditRequest, load_requests
@@ -255,7 +255,7 @@ def _mean_info(infos: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def _write_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json_text(r) + "\n" for r in records))
 
 
 def _identity(config: MendTrainConfig, data_digest: str) -> dict[str, Any]:
