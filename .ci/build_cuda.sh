@@ -81,7 +81,7 @@ so = prune_ext._C.__file__
 assert "/build/cuda-pkg/" in so, so
 assert prune_ext.WITH_CUDA, "WITH_CUDA is False in the CUDA build"
 for op in ("restrain_", "restrain_many_", "restrain_values", "factored_svd", "spectral_norm", "restrain_gesvdr_",
-           "_jacobi_svd", "_fold_sketch", "_cholesky_qr2", "_small_svd", "_sketch", "_summarize_rounds"):
+           "_jacobi_svd", "_fold_sketch", "_cholesky_qr", "_small_svd", "_sketch", "_summarize_rounds"):
     for key in ("CPU", "CUDA"):
         if op == "restrain_gesvdr_" and key == "CPU":
             continue

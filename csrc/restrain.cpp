@@ -185,6 +185,13 @@ bool jacobi_everywhere() {
   return v != nullptr && std::string(v) == "jacobi";
 }
 
+// The tall-skinny orthonormalisations of the adaptive mode: shifted CholeskyQR3 on CUDA (see orth), Householder
+// QR on the CPU as before, unless PRUNE_EXT_QR=cholesky asks for the GPU's method (CPU tests).
+bool cholesky_everywhere() {
+  const char* v = std::getenv("PRUNE_EXT_QR");
+  return v != nullptr && std::string(v) == "cholesky";
+}
+
 bool use_jacobi(const Tensor& T) { return (!T.is_cpu() || jacobi_everywhere()) && T.size(1) <= kJacobiMaxSize; }
 
 // Singular values (descending), orthonormal right singular vectors (columns) and info flags of each
@@ -223,15 +230,6 @@ Tensor times_A(const Tensor& A, const Tensor& X) {
 Tensor times_At(const Tensor& Q, const Tensor& A) {
   PRUNE_EXT_PHASE("product");
   return at::mm(A.t(), Q).t();
-}
-
-// New orthonormal directions from Y, orthogonal to Q. Y may be (numerically) rank deficient once Q
-// holds the range of ΔW, so the second projection acts on an orthonormal basis, not on Y's rounding
-// noise: project, orthonormalise, project again, orthonormalise again ("twice is enough").
-Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
-  Tensor Z = orthonormalize(Y - Q.mm(Q.t().mm(Y)));
-  Z = orthonormalize(Z - Q.mm(Q.t().mm(Z)));
-  return at::cat({Q, Z}, 1);
 }
 
 // ‖A − QB‖_F² as a float64 device scalar, computed explicitly in row blocks (the formula
@@ -281,6 +279,10 @@ struct Job {
   int64_t l = 0, powers = 0;
   int64_t passes = 0;  // passes over ΔW so far: ‖ΔW‖_F, each product with it, residuals, the correction
   bool grown = false;  // the subspace grew once already (later growth doubles)
+  // Cholesky QR for this job's bases (adaptive mode on CUDA), and the largest orthogonality defect of the
+  // bases built since the last round read (read with the round; above kCholeskyQrDefect: fallback).
+  bool cholesky = false;
+  Tensor q_defect;
   // Result (device, float64): the restrained values before / after F and the stats row.
   Tensor out_before, out_after, out_stats;
 };
@@ -347,12 +349,39 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
   }
 }
 
-// Orthonormal bases of f(job) for each job, the QR factorisations batched.
+// Orthonormal bases of the stacked Y (one matrix per job), batched: Householder QR, or shifted CholeskyQR3
+// for jobs that use it (GEMMs and small Cholesky factorisations instead of latency-bound geqrf/orgqr
+// chains on a GPU, csrc/cholesky_qr.cpp). Nothing is read here: each job keeps its bases' orthogonality defect on the device,
+// the round read brings it back, and a defect above kCholeskyQrDefect (or a failed Cholesky: NaN) sends
+// the job back to a Householder first round (after_round). Tested: float32 sketches of low-rank edits
+// (cond ~1e8) pass; an exactly rank-deficient float64 ΔW (cond ~1e16) falls back once.
+Tensor orth(const std::vector<Job*>& js, const Tensor& Y) {
+  if (!js[0]->cholesky) return orthonormalize(Y);
+  PRUNE_EXT_PHASE("qr");
+  auto [Q, defect] = cholesky_qr(Y);
+  for (size_t i = 0; i < js.size(); ++i) {
+    Job& j = *js[i];
+    j.q_defect = j.q_defect.defined() ? at::maximum(j.q_defect, defect[i]) : defect[i];  // NaN stays NaN
+  }
+  return Q;
+}
+
+// Orthonormal bases of f(job) for each job, the factorisations batched.
 template <typename F>
 Tensor orthonormalize_each(const std::vector<Job*>& js, F f) {
   std::vector<Tensor> ys;
   for (size_t i = 0; i < js.size(); ++i) ys.push_back(f(*js[i], i));
-  return orthonormalize(at::stack(ys));
+  return orth(js, at::stack(ys));
+}
+
+// New orthonormal directions from Y, orthogonal to j.Q. Y may be (numerically) rank deficient once Q
+// holds the range of ΔW, so the second projection acts on an orthonormal basis, not on Y's rounding
+// noise: project, orthonormalise, project again, orthonormalise again ("twice is enough").
+Tensor extend_basis(Job& j, const Tensor& Y) {
+  const Tensor& Q = j.Q;
+  Tensor Z = orth({&j}, (Y - Q.mm(Q.t().mm(Y))).unsqueeze(0))[0];
+  Z = orth({&j}, (Z - Q.mm(Q.t().mm(Z))).unsqueeze(0))[0];
+  return at::cat({Q, Z}, 1);
 }
 
 // B = QᵀA for each job (one pass each).
@@ -390,7 +419,7 @@ void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
   for (Job* j : js) ys.push_back(fold(j->A, l + extra, c.seed, 0));
   Tensor Q;
   if (extra == 0) {
-    Q = orthonormalize(at::stack(ys));
+    Q = orth(js, at::stack(ys));
   } else {
     PRUNE_EXT_PHASE("small_svd");  // (with the QR of the oversampled sketch)
     auto [Qy, Ry] = at::linalg_qr(at::stack(ys), "reduced");
@@ -511,8 +540,10 @@ int64_t trusted(int64_t l, const Config& c) { return std::max<int64_t>(1, l - c.
 // 1); and the evidence that sizes the next round: the energy ‖ΔW‖_F² − Σ_{i≤a} s_i² not accounted for
 // by the a trusted Ritz values and the smallest of them, s_a; and the energy left outside the first j
 // columns of Q for j = l and j = 3l/4, ‖ΔW‖_F² − ‖B_{1..j}‖_F² (the basis is nested, so these are the
-// residual energies a sketch of j columns would have left: the decay of that curve with j).
-constexpr int64_t kRead = kNumStats + 5;
+// residual energies a sketch of j columns would have left: the decay of that curve with j); last, the
+// orthogonality defect of the bases built since the last read (0 with Householder QR).
+constexpr int64_t kRead = kNumStats + 6;
+constexpr int64_t kReadDefect = kRead - 1;
 int64_t curve_start(int64_t l) { return std::max<int64_t>(1, 3 * l / 4); }
 Tensor round_read(const Job& j, const Config& c) {
   const int64_t a = std::min(j.l, trusted(j.l, c));
@@ -520,8 +551,9 @@ Tensor round_read(const Job& j, const Config& c) {
   const Tensor unexplained = f2 - j.s.narrow(0, 0, a).square().sum();
   const Tensor& rows = j.row_sq;
   const Tensor left_l = f2 - rows.sum(), left_j0 = f2 - rows.narrow(0, 0, curve_start(j.l)).sum();
+  const Tensor defect = j.q_defect.defined() ? j.q_defect.reshape({1}) : at::zeros({1}, f2.options());
   return at::cat({j.stats, j.coeff.abs().max().reshape({1}), unexplained.reshape({1}), j.s.narrow(0, a - 1, 1),
-                  left_l.reshape({1}), left_j0.reshape({1})});
+                  left_l.reshape({1}), left_j0.reshape({1}), defect});
 }
 
 // The size of the next subspace, from the round's evidence (`ev`: the entries of round_read after the
@@ -566,7 +598,7 @@ int64_t next_size(const Job& j, int64_t k, const double* ev, const Config& c) {
 bool grow(Job& j, int64_t target, const Config& c) {
   if (target > j.p / 2) return false;
   // New sketch columns: entries the earlier ones did not use.
-  j.Q = extend_basis(j.Q, fold(j.A, target - j.l, c.seed, j.n * j.l));
+  j.Q = extend_basis(j, fold(j.A, target - j.l, c.seed, j.n * j.l));
   j.B = at::cat({j.B, times_At(j.Q.narrow(1, j.l, target - j.l), j.A)}, 0);
   j.passes += 2;
   j.l = target;
@@ -605,6 +637,17 @@ Tensor after_ritz(Search& s, double max_res, const Config& c);
 Tensor after_round(Search& s, const Config& c) {
   Job& j = *s.j;
   const std::vector<double>& st = s.st;
+  if (!(st[kReadDefect] <= kCholeskyQrDefect)) {
+    // A basis Cholesky QR could not orthonormalise (the round's summary rests on it): this job starts
+    // again from a first round of the same size by Householder QR. Counted in the profiler.
+    RECORD_FUNCTION("prune_ext::qr_fallback", std::vector<c10::IValue>());
+    j.cholesky = false;
+    j.q_defect = Tensor();
+    j.powers = 0;
+    first_rounds({&j}, j.l, c);
+    return round_read(j, c);
+  }
+  j.q_defect = Tensor();  // read: the next round reports its own bases
   if (static_cast<int64_t>(st[kStatMethod]) == kMethodNormBound) {
     set_result(j, 0);
     return {};
@@ -805,6 +848,7 @@ std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> threshold
       return at::linalg_vector_norm(j.A, 2).to(at::kDouble);
     }();
     j.passes = 1;
+    j.cholesky = !c.fixed() && (!j.A.is_cpu() || cholesky_everywhere());
   }
   return jobs;
 }

@@ -63,11 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::T
 // 0 converged, 1 not within `sweeps` sweeps, 2 non-finite input (then S and V are NaN). Never raises
 // for a matrix's values and never reads back to the host (CUDA graphs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd(const at::Tensor& T, int64_t sweeps);
-// _cholesky_qr2(Y): an orthonormal basis Q (L, m, w) of each (m × w, m ≥ w) Y by CholeskyQR2 in float64
+// _cholesky_qr(Y): an orthonormal basis Q (L, m, w) of each (m × w, m ≥ w) Y by shifted CholeskyQR3 in float64
 // (csrc/cholesky_qr.cpp), and each one's orthogonality defect max|QᵀQ − I| (float64; NaN when a
 // Cholesky factorisation failed). Above kCholeskyQrDefect the caller must fall back to Householder QR.
 constexpr double kCholeskyQrDefect = 1e-9;
-std::tuple<at::Tensor, at::Tensor> cholesky_qr2(const at::Tensor& Y);
+std::tuple<at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& Y);
 // Its argument checks, shared by the kernels (compiled here, in a host C++ file: see cuda_checks.h).
 void check_jacobi_args(const at::Tensor& T, int64_t sweeps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(

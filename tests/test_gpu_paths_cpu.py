@@ -125,6 +125,19 @@ def jacobi_on_cpu(monkeypatch):
     monkeypatch.setenv("PRUNE_EXT_SMALL_SVD", "jacobi")
 
 
+@pytest.fixture
+def gpu_algorithms_on_cpu(monkeypatch):
+    """Everything the CUDA path does differently, on the CPU: the Jacobi small SVD and Cholesky QR."""
+    monkeypatch.setenv("PRUNE_EXT_SMALL_SVD", "jacobi")
+    monkeypatch.setenv("PRUNE_EXT_QR", "cholesky")
+
+
+def profiled(fn) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
 def count_above(delta: torch.Tensor, t: float) -> tuple[int, int]:
     """Values surely above t, and those that may be (within rounding of t), as test_restrain.py counts."""
     sv = torch.linalg.svdvals(delta.double())
@@ -174,9 +187,10 @@ def test_fixed_rank_with_jacobi_matches_reference(jacobi_on_cpu, dtype, kind, sh
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["decaying", "spikes", "clustered", "huge", "below"])
 @pytest.mark.parametrize("shape,rank", [((300, 500), 20), ((500, 300), 150), ((1024, 1400), 64)])
-def test_adaptive_with_jacobi_matches_reference(jacobi_on_cpu, dtype, kind, shape, rank):
-    """The certified (adaptive) path with the GPU's small SVD: the same guarantees as with LAPACK
-    (tests/test_restrain.py's check_against_reference), and one host read per round."""
+def test_adaptive_with_gpu_algorithms_matches_reference(gpu_algorithms_on_cpu, dtype, kind, shape, rank):
+    """The certified (adaptive) path with the GPU's small SVD (Jacobi) and orthonormalisation
+    (shifted CholeskyQR3, with its Householder fallback): the same guarantees as with LAPACK
+    (tests/test_restrain.py's check_against_reference)."""
     t = 2.5
     d = matrix_with_spectrum(*shape, spectrum(kind, rank, t, seed=rank), seed=rank, dtype=dtype)
     ref = reference.restrain(d, t)
@@ -231,12 +245,14 @@ def tall_skinny(m: int, w: int, cond: float, batch: int, dtype, seed: int = 0) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6])
-def test_cholesky_qr2_orthonormalizes_and_spans(dtype, cond):
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6, 1e9, 1e12])
+def test_cholesky_qr_orthonormalizes_and_spans(dtype, cond):
+    """Shifted CholeskyQR3 in float64: orthonormal to rounding far past plain CholeskyQR2's limit
+    (cond ≈ 1e8), which float32 sketches of low-rank edits reach."""
     Y = tall_skinny(2000, 74, cond, 3, dtype)
-    Q, defect = ops._cholesky_qr2(Y)
+    Q, defect = ops._cholesky_qr(Y)
     assert Q.dtype == dtype and Q.shape == Y.shape and defect.dtype == torch.float64
-    assert (defect <= 1e-12).all(), defect  # measured in float64, before rounding to dtype
+    assert (defect <= 1e-13).all(), defect  # measured in float64, before rounding to dtype
     eps = torch.finfo(dtype).eps
     Qd, Yd = Q.double(), Y.double()
     eye = torch.eye(74, dtype=torch.float64)
@@ -245,16 +261,39 @@ def test_cholesky_qr2_orthonormalizes_and_spans(dtype, cond):
     assert ((Yd - Qd @ (Qd.mT @ Yd)).norm(dim=(1, 2)) <= 100 * eps * Yd.norm(dim=(1, 2))).all()
 
 
-def test_cholesky_qr2_flags_what_it_cannot_orthonormalize():
-    """Past cond ≈ 1e8 (float64 Gram matrices) or with exactly dependent columns a Cholesky-based QR
-    fails: the defect says so (NaN or above the fallback limit), batch entry by batch entry, so a caller
-    falls back to Householder QR for exactly those."""
+def test_cholesky_qr_flags_what_it_cannot_orthonormalize():
+    """With exactly dependent columns (a zero column, two equal ones) no Cholesky-based QR can
+    orthonormalise: the defect says so (NaN or above the fallback limit), batch entry by batch entry, so
+    a caller falls back to Householder QR for exactly those."""
     Y = tall_skinny(1000, 40, 1e3, 3, torch.float64)
-    Y[1] = tall_skinny(1000, 40, 1e14, 1, torch.float64, seed=1)[0]  # ill-conditioned
-    Y[2, :, 5] = Y[2, :, 3]  # two equal columns: rank deficient
-    _, defect = ops._cholesky_qr2(Y)
+    Y[1, :, 7] = 0  # a zero column
+    Y[2, :, 5] = Y[2, :, 3]  # two equal columns
+    _, defect = ops._cholesky_qr(Y)
     limit = 1e-9  # kCholeskyQrDefect (csrc/restrain.h)
     assert defect[0] <= 1e-12
     assert not (defect[1] <= limit) and not (defect[2] <= limit), defect  # above the limit, or NaN
     Q_householder = torch.linalg.qr(Y[1])[0]  # the fallback: orthonormal whatever the conditioning
     assert torch.allclose(Q_householder.T @ Q_householder, torch.eye(40, dtype=torch.float64), atol=1e-13)
+
+
+def test_cholesky_qr_in_the_restraint_falls_back_when_it_must(gpu_algorithms_on_cpu):
+    """A float32 edit of rank 40 (its 64-column sketch has cond ~1e8: rounding noise in 24 columns):
+    Cholesky QR throughout, no fallback, one read. An exactly low-rank float64 ΔW (sketch cond ~1e16): the
+    first round's defect is seen in its read, the matrix starts again by Householder QR (counted as
+    prune_ext::qr_fallback, one read more), and the result is the reference's either way."""
+    t = 1.0
+    low32 = matrix_with_spectrum(400, 600, spectrum("spikes", 40, t, seed=3), seed=3, dtype=torch.float32)
+    exact64 = matrix_with_spectrum(400, 600, spectrum("spikes", 40, t, seed=4), seed=4, dtype=torch.float64)
+    for d, fallbacks in ((low32, 0), (exact64, 1)):
+        ref = reference.restrain(d, t)
+        n_sure, n_maybe = count_above(d, t)
+        norm = d.double().norm().item()
+        out = []
+        names = profiled(lambda d=d, out=out: out.append(prune_ext.restrain(d, t, return_info=True)[1]))
+        assert out[0].certified and n_sure <= out[0].restrained <= n_maybe, (n_sure, n_maybe, out[0])
+        assert names.count("aten::linalg_cholesky_ex") >= 3  # Cholesky QR ran (three passes)
+        assert names.count("prune_ext::qr_fallback") == fallbacks
+        assert names.count("prune_ext::host_read") == 1 + fallbacks
+        eps = torch.finfo(d.dtype).eps
+        tol = {torch.float32: 1e-4, torch.float64: 1e-7}[d.dtype]
+        assert (d.double() - ref).norm().item() <= tol * ref.norm().item() + 20 * eps * norm
