@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../restrain.h"
 #include "../restrain_math.h"
 #include "cuda_checks.h"
@@ -48,9 +50,11 @@ at::Tensor fold_sketch_cuda(const at::Tensor& A, int64_t cols, int64_t seed, int
   check_launch_size("fold_sketch columns", cols, static_cast<int64_t>(kFoldThreads) * 2147483647LL);
   at::Tensor Y = at::empty({m, cols}, A.options());
   const at::Tensor signs = sketch(A, 1, n, seed, offset);
-  const dim3 grid(static_cast<unsigned>((cols + kFoldThreads - 1) / kFoldThreads), static_cast<unsigned>(m));
+  // One row per block in y, its c output columns across threads (whole warps, at most kFoldThreads).
+  const int threads = static_cast<int>(std::min<int64_t>(kFoldThreads, (cols + 31) / 32 * 32));
+  const dim3 grid(static_cast<unsigned>((cols + threads - 1) / threads), static_cast<unsigned>(m));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "fold_sketch_cuda", [&] {
-    fold_sketch_kernel<scalar_t><<<grid, kFoldThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    fold_sketch_kernel<scalar_t><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         A.const_data_ptr<scalar_t>(), A.stride(0), signs.const_data_ptr<scalar_t>(), Y.mutable_data_ptr<scalar_t>(),
         n, cols, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
     PRUNE_EXT_KERNEL_LAUNCH_CHECK();
