@@ -80,7 +80,8 @@ import prune_ext
 so = prune_ext._C.__file__
 assert "/build/cuda-pkg/" in so, so
 assert prune_ext.WITH_CUDA, "WITH_CUDA is False in the CUDA build"
-for op in ("restrain_", "restrain_many_", "restrain_values", "factored_svd", "spectral_norm", "restrain_gesvdr_"):
+for op in ("restrain_", "restrain_many_", "restrain_values", "factored_svd", "spectral_norm", "restrain_gesvdr_",
+           "_jacobi_svd", "_fold_sketch", "_cholesky_qr", "_small_svd", "_sketch", "_summarize_rounds"):
     for key in ("CPU", "CUDA"):
         if op == "restrain_gesvdr_" and key == "CPU":
             continue
@@ -91,6 +92,12 @@ EOF
 if readelf -d "$cuda_so" | grep -q 'libcusolver'; then :; else
   echo "build_cuda: $cuda_so does not link libcusolver" >&2; exit 1
 fi
+# No libstdc++ stream or locale code compiled into _C itself (the first GPU run crashed inside such code
+# while formatting an error message, see docs/gpu.md): it must come from the process's libstdc++.
+if nm -DC --defined-only "$cuda_so" | grep -E 'std::(basic_ostream|num_put|codecvt)' ; then
+  echo "build_cuda: $cuda_so defines libstdc++ stream/locale code of its own (above)" >&2; exit 1
+fi
+echo "[build_cuda] GLIBCXX versions needed: $(objdump -T "$cuda_so" | grep -o 'GLIBCXX_[0-9.]*' | sort -Vu | tail -1)"
 stamp "import check passed"
 
 # --- the CPU test suite (and the CUDA tests, which skip without a GPU) on the CUDA build ----------------

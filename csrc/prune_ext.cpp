@@ -42,6 +42,8 @@ TORCH_LIBRARY(prune_ext, m) {
   m.def("_sketch(Tensor like, int rows, int cols, int seed, int offset) -> Tensor");
   m.def("_fold_sketch(Tensor A, int cols, int seed, int offset) -> Tensor");
   m.def("_small_svd(Tensor T) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_jacobi_svd(Tensor T, int sweeps) -> (Tensor, Tensor, Tensor)");
+  m.def("_cholesky_qr(Tensor Y) -> (Tensor, Tensor)");
   m.def(
       "_summarize_rounds(Tensor s, Tensor resid_sq, Tensor frob, float[] thresholds, float band_factor, int fn, "
       "float param, int power_iters) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -16,10 +16,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
+#include <string>
 
+#include "jacobi_svd.h"
 #include "restrain_math.h"
+
+// A named range around one phase of the algorithm: the profiler's table per phase (scripts/gpu_check.sh,
+// benchmarks/bench_gpu.py --profile) attributes each CUDA kernel to the range that launched it. The
+// phases never nest: sketch, product (with ΔW), qr, small_svd, residual, summary, correction,
+// dense_svd, norm and host_read.
+#define PRUNE_EXT_PHASE(name) RECORD_FUNCTION("prune_ext::" name, std::vector<c10::IValue>())
 
 namespace prune_ext {
 
@@ -57,6 +66,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> small_svd(const Tensor& T) {
                        .findSchemaOrThrow("prune_ext::_small_svd", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&)>();
   return op.call(T);
+}
+
+void check_jacobi_args(const Tensor& T, int64_t sweeps) {
+  TORCH_CHECK_TYPE(T.scalar_type() == at::kDouble, "prune_ext: _jacobi_svd takes float64 matrices, got ",
+                   T.scalar_type());
+  TORCH_CHECK_VALUE(T.dim() == 3 && T.size(1) == T.size(2), "prune_ext: _jacobi_svd takes (L, l, l) matrices, got ",
+                    T.sizes());
+  TORCH_CHECK_VALUE(T.size(1) <= kJacobiMaxSize, "prune_ext: _jacobi_svd takes l <= ", kJacobiMaxSize, ", got l = ",
+                    T.size(1));
+  TORCH_CHECK_VALUE(sweeps >= 1 && sweeps <= 1000, "prune_ext: _jacobi_svd needs 1 <= sweeps <= 1000, got ",
+                    sweeps, " (for ", T.size(0), " matrices of size ", T.size(1), ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& T, int64_t sweeps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("prune_ext::_jacobi_svd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t)>();
+  return op.call(T, sweeps);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds(const Tensor& s, const Tensor& resid_sq,
@@ -111,6 +138,7 @@ Tensor fold_sketch(const Tensor& A, int64_t cols, int64_t seed, int64_t offset) 
 
 // The fold sketch through the dispatcher (the CPU has its own kernel, see csrc/cpu).
 Tensor fold(const Tensor& A, int64_t cols, int64_t seed, int64_t offset) {
+  PRUNE_EXT_PHASE("sketch");
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("prune_ext::_fold_sketch", "")
                        .typed<Tensor(const Tensor&, int64_t, int64_t, int64_t)>();
@@ -142,26 +170,66 @@ std::vector<double> to_host(const Tensor& t) {
   return std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel());
 }
 
-Tensor orthonormalize(const Tensor& Y) { return std::get<0>(at::linalg_qr(Y, "reduced")); }
+Tensor orthonormalize(const Tensor& Y) {
+  PRUNE_EXT_PHASE("qr");
+  return std::get<0>(at::linalg_qr(Y, "reduced"));
+}
+
+// The small l × l SVDs: on CUDA the Jacobi kernel (csrc/cuda/jacobi_svd.cu), batched, on the device, with
+// its info flag left there (cuSOLVER's gesvd takes a host workspace and synchronises once per matrix, so
+// a CUDA graph cannot capture it and every adaptive round paid milliseconds per matrix); on the CPU
+// LAPACK, as before (faster there for l in the hundreds), unless PRUNE_EXT_SMALL_SVD=jacobi asks for the
+// GPU's algorithm (the CPU tests run the fixed-rank and adaptive paths with it so).
+bool jacobi_everywhere() {
+  const char* v = std::getenv("PRUNE_EXT_SMALL_SVD");
+  return v != nullptr && std::string(v) == "jacobi";
+}
+
+// The tall-skinny orthonormalisations of the adaptive mode: shifted CholeskyQR3 on CUDA (see orth), Householder
+// QR on the CPU as before, unless PRUNE_EXT_QR=cholesky asks for the GPU's method (CPU tests).
+bool cholesky_everywhere() {
+  const char* v = std::getenv("PRUNE_EXT_QR");
+  return v != nullptr && std::string(v) == "cholesky";
+}
+
+bool use_jacobi(const Tensor& T) { return (!T.is_cpu() || jacobi_everywhere()) && T.size(1) <= kJacobiMaxSize; }
+
+// Singular values (descending), orthonormal right singular vectors (columns) and info flags of each
+// float64 l × l R factor in T. The Jacobi SVD runs on Tᵀ: one-sided Jacobi on the transpose of a
+// triangular factor converges in 8–9 sweeps where on the factor itself it takes 20–30 (measured at l = 64
+// and 130 on spectra spanning 8 and 12 decades; the preconditioning of Drmač and Veselić). Its orthogonal
+// V are T's left vectors; the right ones are the columns of Tᵀ V = [σ_1 u_1, …], orthonormalised in that
+// (descending) order by a QR. Not Tᵀ V / σ: that leaves in u_j an error of ε ‖T‖ / σ_j in every direction,
+// u_1's included, which B's σ_1 then multiplies in the correction Bᵀ u_j (measured: 1e-3 absolute errors
+// at σ_1 / t = 1e6); the QR takes out of each column its components along the larger ones, as LAPACK's
+// orthogonal vectors have them (errors of ε ‖T‖ absolute in T u_j). Column signs are free: the
+// restraint uses u_j only in products u_j u_jᵀ.
+std::tuple<Tensor, Tensor, Tensor> right_svd(const Tensor& T) {
+  PRUNE_EXT_PHASE("small_svd");
+  if (use_jacobi(T)) {
+    const Tensor Tt = T.transpose(1, 2);
+    auto [S, V, info] = jacobi_svd(Tt, kJacobiSweeps);
+    return {S, std::get<0>(at::linalg_qr(at::bmm(Tt, V), "reduced")), info};
+  }
+  auto [U, S, Vh, info] = small_svd(T);
+  return {S, Vh.transpose(1, 2), info};
+}
 
 // A·X for the thin X (n × w) of every product with ΔW, formed as (XᵀAᵀ)ᵀ: BLAS (MKL) runs a product
 // whose output is w × m row-major (the large matrix as the right operand) about 1.4× faster than the
 // m × w one for either layout of A (measured at 4096 × 11008, w = 210); the transpose is a view, and the
 // column-major m × w result is the layout LAPACK's QR wants.
-Tensor times_A(const Tensor& A, const Tensor& X) { return at::mm(X.t(), A.t()).t(); }
+Tensor times_A(const Tensor& A, const Tensor& X) {
+  PRUNE_EXT_PHASE("product");
+  return at::mm(X.t(), A.t()).t();
+}
 
 // QᵀA (B's rows) for the thin Q (m × w), formed as (AᵀQ)ᵀ: MKL runs that layout 1.3–1.7× faster for
 // w ≤ 128 and about as fast or faster beyond (measured at 4096 × 11008, w = 64…222, two threads); B
 // comes out column-major, which every later product takes as it is.
-Tensor times_At(const Tensor& Q, const Tensor& A) { return at::mm(A.t(), Q).t(); }
-
-// New orthonormal directions from Y, orthogonal to Q. Y may be (numerically) rank deficient once Q
-// holds the range of ΔW, so the second projection acts on an orthonormal basis, not on Y's rounding
-// noise: project, orthonormalise, project again, orthonormalise again ("twice is enough").
-Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
-  Tensor Z = orthonormalize(Y - Q.mm(Q.t().mm(Y)));
-  Z = orthonormalize(Z - Q.mm(Q.t().mm(Z)));
-  return at::cat({Q, Z}, 1);
+Tensor times_At(const Tensor& Q, const Tensor& A) {
+  PRUNE_EXT_PHASE("product");
+  return at::mm(A.t(), Q).t();
 }
 
 // ‖A − QB‖_F² as a float64 device scalar, computed explicitly in row blocks (the formula
@@ -169,6 +237,7 @@ Tensor extend_basis(const Tensor& Q, const Tensor& Y) {
 // it matters: B is a float32 product whose rounding, about ε‖A‖_F², is 10³–10⁴ times more than the
 // margin t² − σ_{k+1}² that certifies a typical edit ledger).
 Tensor residual_sq(const Tensor& A, const Tensor& Q, const Tensor& B) {
+  PRUNE_EXT_PHASE("residual");
   const int64_t m = A.size(0);
   const int64_t rows = std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(1, A.size(1)));
   Tensor acc = at::zeros({}, A.options().dtype(at::kDouble));
@@ -210,6 +279,10 @@ struct Job {
   int64_t l = 0, powers = 0;
   int64_t passes = 0;  // passes over ΔW so far: ‖ΔW‖_F, each product with it, residuals, the correction
   bool grown = false;  // the subspace grew once already (later growth doubles)
+  // Cholesky QR for this job's bases (adaptive mode on CUDA), and the largest orthogonality defect of the
+  // bases built since the last round read (read with the round; above kCholeskyQrDefect: fallback).
+  bool cholesky = false;
+  Tensor q_defect;
   // Result (device, float64): the restrained values before / after F and the stats row.
   Tensor out_before, out_after, out_stats;
 };
@@ -253,13 +326,16 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
     frob.push_back(j->frob);
     thresholds.push_back(j->t);
   }
-  const Tensor R = std::get<1>(at::linalg_qr(at::stack(Bts), "r"));
-  // R = X S Yh, so B = Rᵀ Pᵀ = Yhᵀ S (P X)ᵀ: B's left singular vectors are Yhᵀ.
-  auto [X, s, Yh, info] = small_svd(R.to(at::kDouble));
-  const Tensor Ub = Yh.transpose(1, 2);
+  const Tensor R = [&] {
+    PRUNE_EXT_PHASE("qr");
+    return std::get<1>(at::linalg_qr(at::stack(Bts), "r"));
+  }();
+  // R = X S Yh, so B = Rᵀ Pᵀ = Yhᵀ S (P X)ᵀ: B's left singular vectors are Yhᵀ, R's right ones.
+  auto [s, Ub, info] = right_svd(R.to(at::kDouble));
   // A failed decomposition is summarised as a non-finite ΔW would be: nothing changes, nothing is
   // certified (the adaptive search then grows the subspace or goes dense).
   const Tensor frob_or_nan = at::where(info == 0, at::stack(frob), std::numeric_limits<double>::quiet_NaN());
+  PRUNE_EXT_PHASE("summary");
   auto [before, after, coeff, stats] = summarize_rounds(s, at::stack(resid), frob_or_nan, thresholds,
                                                         band_factor(*js[0]), c.fn, c.param, js[0]->powers);
   for (size_t i = 0; i < js.size(); ++i) {
@@ -273,12 +349,39 @@ void ritz_rounds(const std::vector<Job*>& js, const Config& c) {
   }
 }
 
-// Orthonormal bases of f(job) for each job, the QR factorisations batched.
+// Orthonormal bases of the stacked Y (one matrix per job), batched: Householder QR, or shifted CholeskyQR3
+// for jobs that use it (GEMMs and small Cholesky factorisations instead of latency-bound geqrf/orgqr
+// chains on a GPU, csrc/cholesky_qr.cpp). Nothing is read here: each job keeps its bases' orthogonality defect on the device,
+// the round read brings it back, and a defect above kCholeskyQrDefect (or a failed Cholesky: NaN) sends
+// the job back to a Householder first round (after_round). Tested: float32 sketches of low-rank edits
+// (cond ~1e8) pass; an exactly rank-deficient float64 ΔW (cond ~1e16) falls back once.
+Tensor orth(const std::vector<Job*>& js, const Tensor& Y) {
+  if (!js[0]->cholesky) return orthonormalize(Y);
+  PRUNE_EXT_PHASE("qr");
+  auto [Q, defect] = cholesky_qr(Y);
+  for (size_t i = 0; i < js.size(); ++i) {
+    Job& j = *js[i];
+    j.q_defect = j.q_defect.defined() ? at::maximum(j.q_defect, defect[i]) : defect[i];  // NaN stays NaN
+  }
+  return Q;
+}
+
+// Orthonormal bases of f(job) for each job, the factorisations batched.
 template <typename F>
 Tensor orthonormalize_each(const std::vector<Job*>& js, F f) {
   std::vector<Tensor> ys;
   for (size_t i = 0; i < js.size(); ++i) ys.push_back(f(*js[i], i));
-  return orthonormalize(at::stack(ys));
+  return orth(js, at::stack(ys));
+}
+
+// New orthonormal directions from Y, orthogonal to j.Q. Y may be (numerically) rank deficient once Q
+// holds the range of ΔW, so the second projection acts on an orthonormal basis, not on Y's rounding
+// noise: project, orthonormalise, project again, orthonormalise again ("twice is enough").
+Tensor extend_basis(Job& j, const Tensor& Y) {
+  const Tensor& Q = j.Q;
+  Tensor Z = orth({&j}, (Y - Q.mm(Q.t().mm(Y))).unsqueeze(0))[0];
+  Z = orth({&j}, (Z - Q.mm(Q.t().mm(Z))).unsqueeze(0))[0];
+  return at::cat({Q, Z}, 1);
 }
 
 // B = QᵀA for each job (one pass each).
@@ -316,10 +419,15 @@ void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
   for (Job* j : js) ys.push_back(fold(j->A, l + extra, c.seed, 0));
   Tensor Q;
   if (extra == 0) {
-    Q = orthonormalize(at::stack(ys));
+    Q = orth(js, at::stack(ys));
   } else {
+    PRUNE_EXT_PHASE("small_svd");  // (with the QR of the oversampled sketch)
     auto [Qy, Ry] = at::linalg_qr(at::stack(ys), "reduced");
-    const Tensor U = std::get<0>(small_svd(Ry.to(at::kDouble)));  // descending: the top l first
+    // Ry's left singular vectors, descending: the top l first (Jacobi: Ryᵀ's right ones, orthogonal, and
+    // fast to converge on the transpose of a triangular factor, see right_svd).
+    const Tensor Ryd = Ry.to(at::kDouble);
+    const Tensor U = use_jacobi(Ryd) ? std::get<1>(jacobi_svd(Ryd.transpose(1, 2), kJacobiSweeps))
+                                           : std::get<0>(small_svd(Ryd));
     Q = at::matmul(Qy, U.narrow(2, 0, l).to(Qy.scalar_type()));
   }
   for (size_t i = 0; i < js.size(); ++i) {
@@ -339,6 +447,7 @@ void first_rounds(const std::vector<Job*>& js, int64_t l, const Config& c) {
 // (Q Ub_k)(Bᵀ Ub_k diag(coeff_k))ᵀ: one in-place GEMM on A. coeff is 0 for values left alone, so the
 // fixed-rank mode passes all l columns and never needs k on the host.
 void apply_correction(Job& j, int64_t k) {
+  PRUNE_EXT_PHASE("correction");
   const at::ScalarType ct = j.A.scalar_type();
   const Tensor Ub_k = j.Ub.narrow(1, 0, k), coeff_k = j.coeff.narrow(0, 0, k);
   // Columns left alone are exact zeros on both sides (NaN · 0 would be NaN): A is then bitwise unchanged.
@@ -391,6 +500,7 @@ bool widens(const Job& j, double frob) {
 void dense(Job& j, double frob, const Config& c) {
   double stats[kNumStats] = {0, 0, frob, 1, kMethodNormBound, 0, frob, 0, 0};
   if (frob <= j.t) return set_host_result(j, {}, {}, stats);  // σmax ≤ ‖ΔW‖_F ≤ t: nothing above
+  PRUNE_EXT_PHASE("dense_svd");
   const Tensor& A = j.A;
   const bool widen = widens(j, frob);
   const Tensor Aw = widen ? A.to(at::kDouble) : A;
@@ -430,8 +540,10 @@ int64_t trusted(int64_t l, const Config& c) { return std::max<int64_t>(1, l - c.
 // 1); and the evidence that sizes the next round: the energy ‖ΔW‖_F² − Σ_{i≤a} s_i² not accounted for
 // by the a trusted Ritz values and the smallest of them, s_a; and the energy left outside the first j
 // columns of Q for j = l and j = 3l/4, ‖ΔW‖_F² − ‖B_{1..j}‖_F² (the basis is nested, so these are the
-// residual energies a sketch of j columns would have left: the decay of that curve with j).
-constexpr int64_t kRead = kNumStats + 5;
+// residual energies a sketch of j columns would have left: the decay of that curve with j); last, the
+// orthogonality defect of the bases built since the last read (0 with Householder QR).
+constexpr int64_t kRead = kNumStats + 6;
+constexpr int64_t kReadDefect = kRead - 1;
 int64_t curve_start(int64_t l) { return std::max<int64_t>(1, 3 * l / 4); }
 Tensor round_read(const Job& j, const Config& c) {
   const int64_t a = std::min(j.l, trusted(j.l, c));
@@ -439,8 +551,9 @@ Tensor round_read(const Job& j, const Config& c) {
   const Tensor unexplained = f2 - j.s.narrow(0, 0, a).square().sum();
   const Tensor& rows = j.row_sq;
   const Tensor left_l = f2 - rows.sum(), left_j0 = f2 - rows.narrow(0, 0, curve_start(j.l)).sum();
+  const Tensor defect = j.q_defect.defined() ? j.q_defect.reshape({1}) : at::zeros({1}, f2.options());
   return at::cat({j.stats, j.coeff.abs().max().reshape({1}), unexplained.reshape({1}), j.s.narrow(0, a - 1, 1),
-                  left_l.reshape({1}), left_j0.reshape({1})});
+                  left_l.reshape({1}), left_j0.reshape({1}), defect});
 }
 
 // The size of the next subspace, from the round's evidence (`ev`: the entries of round_read after the
@@ -485,7 +598,7 @@ int64_t next_size(const Job& j, int64_t k, const double* ev, const Config& c) {
 bool grow(Job& j, int64_t target, const Config& c) {
   if (target > j.p / 2) return false;
   // New sketch columns: entries the earlier ones did not use.
-  j.Q = extend_basis(j.Q, fold(j.A, target - j.l, c.seed, j.n * j.l));
+  j.Q = extend_basis(j, fold(j.A, target - j.l, c.seed, j.n * j.l));
   j.B = at::cat({j.B, times_At(j.Q.narrow(1, j.l, target - j.l), j.A)}, 0);
   j.passes += 2;
   j.l = target;
@@ -493,59 +606,141 @@ bool grow(Job& j, int64_t target, const Config& c) {
   return true;
 }
 
-// The adaptive search for one job from its first round's host read `st` (read with everyone's):
-// certified at once in the common case (edits are low rank); otherwise the subspace grows, subspace
-// iterations sharpen the Ritz vectors, or a dense SVD takes over. Later rounds read one row each.
-void finish_adaptive(Job& j, std::vector<double> st, double frob, const Config& c) {
-  const double u = unit_roundoff(j.A.scalar_type());
+// The adaptive search of one job, as a step function the caller drives for all jobs at once: each step
+// takes what the host has just read for this job and either finishes the job or enqueues its next device
+// work and returns the (float64) tensor it needs read next. So `restrain_many` reads back once per round
+// for all matrices still searching (lockstep), not once per round and matrix; each job's device work, and
+// so its result, is exactly what it would be alone. Certified at once in the common case (edits are low
+// rank); otherwise the subspace grows, subspace iterations sharpen the Ritz vectors, or a dense SVD takes
+// over (which reads its values on its own).
+struct Search {
+  Job* j = nullptr;
+  double frob = 0, accuracy = 0, floor_ok = 0, last_res = -1;
+  std::vector<double> st;      // the last round's summary (round_read)
+  bool awaiting_ritz = false;  // the pending read is the largest Ritz residual, not a round summary
+};
+
+Search start_search(Job& j, double frob) {
+  Search s;
+  s.j = &j;
+  s.frob = frob;
   // Correction errors (Ritz residual × F's amplification) of ~1e-6 (float32) / ~1e-11 (float64) of
   // ‖ΔW‖_F are the target, and the rounding floor of the working precision the limit.
-  const double accuracy = (j.A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
-  const double floor_ok = 1e3 * u * frob;
-  double last_res = -1;
-  while (true) {
-    if (static_cast<int64_t>(st[kStatMethod]) == kMethodNormBound) return set_result(j, 0);
-    const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
-    if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
-      if (!grow(j, next_size(j, k, st.data() + kNumStats, c), c)) return dense(j, frob, c);
+  s.accuracy = (j.A.scalar_type() == at::kDouble ? 1e-11 : 3e-6) * frob;
+  s.floor_ok = 1e3 * unit_roundoff(j.A.scalar_type()) * frob;
+  return s;
+}
+
+Tensor after_ritz(Search& s, double max_res, const Config& c);
+
+// A round's summary has been read: decide.
+Tensor after_round(Search& s, const Config& c) {
+  Job& j = *s.j;
+  const std::vector<double>& st = s.st;
+  if (!(st[kReadDefect] <= kCholeskyQrDefect)) {
+    // A basis Cholesky QR could not orthonormalise (the round's summary rests on it): this job starts
+    // again from a first round of the same size by Householder QR. Counted in the profiler.
+    RECORD_FUNCTION("prune_ext::qr_fallback", std::vector<c10::IValue>());
+    j.cholesky = false;
+    j.q_defect = Tensor();
+    j.powers = 0;
+    first_rounds({&j}, j.l, c);
+    return round_read(j, c);
+  }
+  j.q_defect = Tensor();  // read: the next round reports its own bases
+  if (static_cast<int64_t>(st[kStatMethod]) == kMethodNormBound) {
+    set_result(j, 0);
+    return {};
+  }
+  const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
+  if ((k + c.oversample > j.l && j.l < j.p) || st[kStatCertified] == 0) {
+    if (!grow(j, next_size(j, k, st.data() + kNumStats, c), c)) {
+      dense(j, s.frob, c);
+      return {};
+    }
+    ritz_rounds({&j}, c);
+    return round_read(j, c);
+  }
+  if (k == 0) {
+    set_result(j, 0);
+    return {};
+  }
+  const double amp = std::max(1.0, st[kNumStats]);
+  // ‖R‖_F bounds every Ritz residual (QB v_i = σ_i u_i, so ΔW v_i − σ_i u_i = R v_i); only when it
+  // misses the accuracy target are the residuals computed one by one.
+  const double resid = st[kStatResidual];
+  if (resid * amp > s.accuracy) {
+    const at::ScalarType ct = j.A.scalar_type();
+    const Tensor Ub_k = j.Ub.narrow(1, 0, k), s_k = j.s.narrow(0, 0, k);
+    const Tensor V_k = (j.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(ct);
+    const Tensor U_k = j.Q.mm(Ub_k.to(ct));
+    const Tensor ritz = at::linalg_vector_norm(times_A(j.A, V_k) - U_k * s_k.to(ct), 2, {0});
+    ++j.passes;
+    s.awaiting_ritz = true;
+    return at::max(ritz).to(at::kDouble).reshape({1});
+  }
+  return after_ritz(s, resid, c);
+}
+
+// The largest Ritz residual is known (or bounded by ‖R‖_F): correct, iterate, or go dense.
+Tensor after_ritz(Search& s, double max_res, const Config& c) {
+  Job& j = *s.j;
+  const std::vector<double>& st = s.st;
+  const int64_t k = static_cast<int64_t>(st[kStatRestrained]);
+  const double amp = std::max(1.0, st[kNumStats]);
+  if (max_res * amp > s.accuracy) {
+    // Subspace iterations shrink the Ritz residuals geometrically until they reach the rounding
+    // floor of the working precision; stagnation at a small floor is as accurate as it gets, unless
+    // a dense SVD would be done in float64 (small float32 matrices): then that is exact instead.
+    const bool stagnated = s.last_res >= 0 && max_res > 0.5 * s.last_res;
+    if (!stagnated && j.powers < c.power_iters) {
+      s.last_res = max_res;
+      power_step({&j});  // from B = QᵀA of this round
+      project({&j});
       ritz_rounds({&j}, c);
-      st = to_host(round_read(j, c));
-      continue;
+      return round_read(j, c);
     }
-    if (k == 0) return set_result(j, 0);
-    const double amp = std::max(1.0, st[kNumStats]);
-    // ‖R‖_F bounds every Ritz residual (QB v_i = σ_i u_i, so ΔW v_i − σ_i u_i = R v_i); only when it
-    // misses the accuracy target are the residuals computed one by one.
-    const double resid = st[kStatResidual];
-    double max_res = resid;
-    if (resid * amp > accuracy) {
-      const at::ScalarType ct = j.A.scalar_type();
-      const Tensor Ub_k = j.Ub.narrow(1, 0, k), s_k = j.s.narrow(0, 0, k);
-      const Tensor V_k = (j.B.to(at::kDouble).t().mm(Ub_k) / s_k).to(ct);
-      const Tensor U_k = j.Q.mm(Ub_k.to(ct));
-      const Tensor ritz = at::linalg_vector_norm(times_A(j.A, V_k) - U_k * s_k.to(ct), 2, {0});
-      ++j.passes;
-      max_res = std::min(resid, to_host(at::max(ritz))[0]);
+    if (!(stagnated && max_res * amp <= s.floor_ok) || widens(j, s.frob)) {
+      dense(j, s.frob, c);
+      return {};
     }
-    if (max_res * amp > accuracy) {
-      // Subspace iterations shrink the Ritz residuals geometrically until they reach the rounding
-      // floor of the working precision; stagnation at a small floor is as accurate as it gets, unless
-      // a dense SVD would be done in float64 (small float32 matrices): then that is exact instead.
-      const bool stagnated = last_res >= 0 && max_res > 0.5 * last_res;
-      if (!stagnated && j.powers < c.power_iters) {
-        last_res = max_res;
-        power_step({&j});  // from B = QᵀA of this round
-        project({&j});
-        ritz_rounds({&j}, c);
-        st = to_host(round_read(j, c));
-        continue;
+  }
+  apply_correction(j, k);
+  set_result(j, k);
+  if (max_res != st[kStatResidual]) j.out_stats[kStatRitzResidual].fill_(max_res);
+  return {};
+}
+
+// One step of a search with the values just read for it.
+Tensor advance(Search& s, std::vector<double> read, const Config& c) {
+  if (s.awaiting_ritz) {
+    s.awaiting_ritz = false;
+    return after_ritz(s, std::min(s.st[kStatResidual], read[0]), c);
+  }
+  s.st = std::move(read);
+  return after_round(s, c);
+}
+
+// Drives every search to its end, one host read per round for all of them.
+void finish_adaptive(std::vector<Search>& searches, const std::vector<std::vector<double>>& first, const Config& c) {
+  std::vector<Tensor> pending(searches.size());
+  for (size_t i = 0; i < searches.size(); ++i) pending[i] = advance(searches[i], first[i], c);
+  while (true) {
+    std::vector<Tensor> parts;
+    std::vector<size_t> who;
+    for (size_t i = 0; i < searches.size(); ++i)
+      if (pending[i].defined()) {
+        parts.push_back(pending[i]);
+        who.push_back(i);
       }
-      if (!(stagnated && max_res * amp <= floor_ok) || widens(j, frob)) return dense(j, frob, c);
+    if (parts.empty()) return;
+    const std::vector<double> host = to_host(at::cat(parts));
+    size_t at = 0;
+    for (size_t n = 0; n < who.size(); ++n) {
+      const size_t i = who[n], len = static_cast<size_t>(parts[n].numel());
+      pending[i] = advance(searches[i], std::vector<double>(host.begin() + at, host.begin() + at + len), c);
+      at += len;
     }
-    apply_correction(j, k);
-    set_result(j, k);
-    if (max_res != resid) j.out_stats[kStatRitzResidual].fill_(max_res);
-    return;
   }
 }
 
@@ -569,8 +764,8 @@ int64_t first_size(const Job& j, const Config& c) {
 
 // The whole call. Every job's first round is enqueued before anything is read back (jobs of equal
 // shape share batched factorisations); then one device-to-host transfer brings every ‖ΔW‖_F and
-// first-round summary, NaN or Inf anywhere is reported before any matrix is written, and each job
-// finishes on its own. The fixed-rank mode reads nothing back: its correction uses every explored
+// first-round summary, NaN or Inf anywhere is reported before any matrix is written, and the searches
+// go on in lockstep (one read per later round for all). The fixed-rank mode reads nothing back: its correction uses every explored
 // direction, with coefficient 0 for values left alone (no host round trip, so CUDA-graph capturable).
 void run_jobs(std::vector<Job>& jobs, const Config& c) {
   std::vector<Job*> randomized, small;
@@ -613,10 +808,14 @@ void run_jobs(std::vector<Job>& jobs, const Config& c) {
   for (size_t i = 0; i < all.size(); ++i) check_finite(frobs[i], all[i]->A);
 
   for (size_t i = 0; i < small.size(); ++i) dense(*small[i], frobs[i], c);
+  std::vector<Search> searches;
+  std::vector<std::vector<double>> first;
   for (size_t i = 0; i < randomized.size(); ++i) {
     const double* row = host.data() + offset + i * kRow + 1;
-    finish_adaptive(*randomized[i], std::vector<double>(row, row + kRead), frobs[offset + i], c);
+    searches.push_back(start_search(*randomized[i], frobs[offset + i]));
+    first.emplace_back(row, row + kRead);
   }
+  finish_adaptive(searches, first, c);
 }
 
 // F magnifies the rounding of a value near the threshold by its slope, F'(t) = 1 / (t ln α) for the log
@@ -644,8 +843,12 @@ std::vector<Job> make_jobs(at::TensorList deltas, at::ArrayRef<double> threshold
                              (d.stride(0) == 1 && d.stride(1) >= std::max<int64_t>(1, j.m));
     j.in_place = d.scalar_type() == ct && blas_layout;
     j.A = j.in_place ? d : d.to(d.options().dtype(ct), false, true, at::MemoryFormat::Contiguous);
-    j.frob = at::linalg_vector_norm(j.A, 2).to(at::kDouble);
+    j.frob = [&] {
+      PRUNE_EXT_PHASE("norm");
+      return at::linalg_vector_norm(j.A, 2).to(at::kDouble);
+    }();
     j.passes = 1;
+    j.cholesky = !c.fixed() && (!j.A.is_cpu() || cholesky_everywhere());
   }
   return jobs;
 }

@@ -30,6 +30,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd(const at::Tensor& le
 
 at::Tensor spectral_norm(const at::Tensor& W, double rtol, int64_t max_iters, int64_t seed);
 
+// Failures of the CUDA kernels' checks, formatted in a host C++ file (csrc/cuda_checks.cpp; see
+// csrc/cuda/cuda_checks.h for why): a library call's status, a size past a limit, a solver's info flag.
+[[noreturn]] void fail_library_call(const char* library, const char* call, int64_t status, const char* status_name,
+                                    const char* file, int line);
+[[noreturn]] void fail_too_large(const char* what, int64_t n, int64_t max);
+[[noreturn]] void fail_solver_info(const char* what, int64_t info);
+
 // Argument checks shared by every backend (raise ValueError / TypeError in Python).
 void check_restraint_args(double threshold, int64_t fn, double param);
 void check_matrix(const at::Tensor& t, const char* name);
@@ -51,6 +58,18 @@ at::Tensor fold_sketch(const at::Tensor& A, int64_t cols, int64_t seed, int64_t 
 // or a loop adds where), shared by every kernel of _fold_sketch.
 std::vector<int64_t> fold_rotations(int64_t n, int64_t cols, int64_t seed, int64_t offset);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& T);
+// _jacobi_svd(T, sweeps): the one-sided Jacobi SVD of csrc/jacobi_svd.h for (L, l, l) float64 T: S (L, l)
+// descending, V (L, l, l) orthogonal with T V = U diag(S) (right singular vectors), and info (L, int32):
+// 0 converged, 1 not within `sweeps` sweeps, 2 non-finite input (then S and V are NaN). Never raises
+// for a matrix's values and never reads back to the host (CUDA graphs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd(const at::Tensor& T, int64_t sweeps);
+// _cholesky_qr(Y): an orthonormal basis Q (L, m, w) of each (m × w, m ≥ w) Y by shifted CholeskyQR3 in float64
+// (csrc/cholesky_qr.cpp), and each one's orthogonality defect max|QᵀQ − I| (float64; NaN when a
+// Cholesky factorisation failed). Above kCholeskyQrDefect the caller must fall back to Householder QR.
+constexpr double kCholeskyQrDefect = 1e-9;
+std::tuple<at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& Y);
+// Its argument checks, shared by the kernels (compiled here, in a host C++ file: see cuda_checks.h).
+void check_jacobi_args(const at::Tensor& T, int64_t sweeps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> summarize_rounds(
     const at::Tensor& s, const at::Tensor& resid_sq, const at::Tensor& frob, at::ArrayRef<double> thresholds,
     double band_factor, int64_t fn, double param, int64_t power_iters);

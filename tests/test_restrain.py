@@ -476,6 +476,27 @@ def test_host_reads_per_call(device):
     assert info.rank_explored == 128 and host_reads(lambda: prune_ext.restrain(wide.clone(), 1.0)) == 2
 
 
+def test_restrain_many_searches_in_lockstep(device):
+    """Matrices that need more rounds advance together: one host read per round for all of them (not per
+    round and matrix), with each matrix's result exactly what a call on it alone gives."""
+    kinds = [("decaying", 100), ("decaying", 150), ("spikes", 40), ("decaying", 120)]  # three need 2+ rounds
+    mats = [matrix_with_spectrum(400, 500, spectrum(k, r, 1.0, seed=i), seed=i, device=device)
+            for i, (k, r) in enumerate(kinds)]
+    singles = [m.clone() for m in mats]
+    single_reads = [host_reads(lambda s=s: prune_ext.restrain(s, 1.0)) for s in singles]
+    assert max(single_reads) >= 2 and sum(single_reads) >= 7  # several rounds each, alone
+    many = [m.clone() for m in mats]
+    reads = host_reads(lambda: prune_ext.restrain_many(many, 1.0))
+    assert reads == max(single_reads)  # the rounds of the slowest matrix, not the sum
+    for a, b in zip(many, singles):
+        assert torch.equal(a, b)
+    _, infos = prune_ext.restrain_many([m.clone() for m in mats], 1.0, return_info=True)
+    for m, i in zip(mats, infos):
+        ref = reference.restrain(m, 1.0)
+        assert i.certified and within_tolerance(
+            prune_ext.restrain(m.clone(), 1.0), ref, m.double().norm().item(), m.dtype)
+
+
 def test_rank_hint_sizes_the_first_round_and_is_checked_not_trusted(device):
     """A caller that knows a bound on the rank (an edit ledger) gets one round of rank_hint + oversample
     columns and one host read; a hint that is too small only costs rounds, never the certificate."""

@@ -6,8 +6,9 @@
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
 #include <cusolverDn.h>
+
+#include "cuda_checks.h"
 
 #include <unordered_map>
 
@@ -28,11 +29,13 @@ inline const char* cusolver_status_name(cusolverStatus_t s) {
   }
 }
 
+// A failed call raises through fail_library_call (formatted in a host C++ file: see cuda_checks.h).
 #define PRUNE_EXT_CUSOLVER_CHECK(expr)                                                              \
   do {                                                                                               \
-    cusolverStatus_t _st = (expr);                                                                   \
-    TORCH_CHECK(_st == CUSOLVER_STATUS_SUCCESS, "prune_ext: ", #expr, " failed: ",                 \
-                ::prune_ext::cuda::cusolver_status_name(_st), " (", static_cast<int>(_st), ")");     \
+    const cusolverStatus_t _st = (expr);                                                             \
+    if (_st != CUSOLVER_STATUS_SUCCESS)                                                              \
+      ::prune_ext::fail_library_call("cuSOLVER", #expr, static_cast<int64_t>(_st),                   \
+                                     ::prune_ext::cuda::cusolver_status_name(_st), __FILE__, __LINE__); \
   } while (0)
 
 struct SolverContext {

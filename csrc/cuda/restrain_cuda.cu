@@ -5,6 +5,7 @@
 //   device guard for the input's device and on the current stream. The numerical logic is the one the CPU
 //   tests exercise.
 // * restrain_values: an elementwise kernel over the F of csrc/restrain_math.h (the code the CPU runs).
+// * _fold_sketch: its own file (fold_sketch.cu); _jacobi_svd: jacobi_svd.cu.
 // * _sketch, _summarize_rounds: the (Rademacher) sketch entries and the per-round summary of restrain_math.h (the code
 //   the CPU runs), so that the algorithm never copies from the host; _small_svd: cusolverDnXgesvd with its
 //   info flag left on the device (ATen's linalg_svd reads it back, a synchronisation).
@@ -14,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -27,6 +27,7 @@
 
 #include "../restrain.h"
 #include "../restrain_math.h"
+#include "cuda_checks.h"
 #include "cusolver_handle.cuh"
 
 namespace prune_ext {
@@ -68,7 +69,7 @@ Tensor restrain_values_cuda(const Tensor& sigma, double threshold, int64_t fn, d
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "restrain_values_cuda", [&] {
     restrain_values_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, threshold, fn, param);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PRUNE_EXT_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -91,7 +92,7 @@ Tensor sketch_cuda(const Tensor& like, int64_t rows, int64_t cols, int64_t seed,
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sketch_cuda", [&] {
     sketch_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         out.mutable_data_ptr<scalar_t>(), n, static_cast<uint64_t>(seed), offset);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PRUNE_EXT_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -137,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> summarize_rounds_cuda(const Tensor& s
         th, n, l, band_factor, fn, param, power_iters, before.mutable_data_ptr<double>() + i0 * l,
         after.mutable_data_ptr<double>() + i0 * l, coeff.mutable_data_ptr<double>() + i0 * l,
         stats.mutable_data_ptr<double>() + i0 * kNumStats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PRUNE_EXT_KERNEL_LAUNCH_CHECK();
   }
   return {before, after, coeff, stats};
 }
@@ -305,7 +306,7 @@ GesvdrResult gesvdr(Tensor& work, int64_t r, int64_t p, int64_t niters, double t
       res.S.const_data_ptr<T>(), r, threshold, fn, param, niters, info.const_data_ptr<int>(),
       res.before.mutable_data_ptr<double>(), res.after.mutable_data_ptr<double>(),
       res.stats.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PRUNE_EXT_KERNEL_LAUNCH_CHECK();
   // The one device-to-host synchronisation of a round: k (the adaptive decision) and info.
   const Tensor host = res.stats.to(at::kCPU);
   res.k = static_cast<int64_t>(host.const_data_ptr<double>()[kStatRestrained]);
@@ -319,8 +320,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
   check_matrix(delta, "delta");
   check_restraint_args(threshold, fn, param);
   check_sketch_args(rank, oversample, power_iters);
-  TORCH_CHECK_VALUE(delta.is_cuda(), "prune_ext: the gesvdr method (cuSOLVER) needs a CUDA tensor, got ",
-                    delta.device());
+  TORCH_CHECK_VALUE(delta.is_cuda(), "prune_ext: the gesvdr method (cuSOLVER) needs a CUDA tensor");
   c10::cuda::CUDAGuard guard(delta.device());
   const int64_t m = delta.size(0), n = delta.size(1), pmin = std::min(m, n);
   const bool fixed = rank > 0;
@@ -344,7 +344,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
     });
     const Tensor U_all = flip ? res.left : res.right;  // m × r: left singular vectors of ΔW
     const Tensor V_all = flip ? res.right : res.left;  // n × r: right singular vectors of ΔW
-    TORCH_CHECK(res.info == 0, "prune_ext: cusolverDnXgesvdr failed with info = ", res.info);
+    if (res.info != 0) fail_solver_info("cusolverDnXgesvdr", res.info);
     if (!fixed && res.k == r) {  // every value found is above the threshold: more may be missing
       const int64_t grown = std::min(2 * r, pmin - p_max);
       if (grown > r) {
@@ -364,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> restrain_gesvdr_cuda(Tensor& delta, double th
         shrink_scale_kernel<scalar_t><<<blocks_for(m * k), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             U.const_data_ptr<scalar_t>(), U.stride(0), U.stride(1), res.S.const_data_ptr<scalar_t>(),
             left.mutable_data_ptr<scalar_t>(), m, k, threshold, fn, param);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        PRUNE_EXT_KERNEL_LAUNCH_CHECK();
       });
       // ΔW −= U_k diag(σ − F(σ)) V_kᵀ: one GEMM on ΔW's own storage when cuBLAS can read it.
       const bool blas_layout = (delta.stride(1) == 1 && delta.stride(0) >= std::max<int64_t>(1, n)) ||
@@ -391,7 +391,6 @@ TORCH_LIBRARY_IMPL(prune_ext, CUDA, m) {
   m.impl("spectral_norm", &cuda::spectral_norm_cuda);
   m.impl("restrain_gesvdr_", &cuda::restrain_gesvdr_cuda);
   m.impl("_sketch", &cuda::sketch_cuda);
-  m.impl("_fold_sketch", &fold_sketch);
   m.impl("_small_svd", &cuda::small_svd_cuda);
   m.impl("_summarize_rounds", &cuda::summarize_rounds_cuda);
 }
