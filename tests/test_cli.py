@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,8 @@ except FileNotFoundError as exc:
 
 
 def test_thread_policy(monkeypatch):
-    """OMP_NUM_THREADS is honoured; else the cores not busy, at least 1; OpenMP threads wait passively."""
+    """OMP_NUM_THREADS is honoured; else the cores not busy, at least 1; OpenMP threads wait passively
+    when other work is busy."""
     from prune_ext.cli import thread_policy
 
     threads = torch.get_num_threads()
@@ -278,8 +280,24 @@ def test_thread_policy(monkeypatch):
         assert thread_policy(env) == 3 and env["OMP_WAIT_POLICY"] == "ACTIVE" and torch.get_num_threads() == 3
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
         for load, want in ((0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
-            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
             env = {}
-            assert thread_policy(env) == want and env == {"OMP_NUM_THREADS": str(want), "OMP_WAIT_POLICY": "PASSIVE"}
+            assert thread_policy(env, busy=load) == want
+            passive = {"OMP_WAIT_POLICY": "PASSIVE"} if load >= 0.5 else {}  # an idle machine keeps spinning
+            assert env == {"OMP_NUM_THREADS": str(want), **passive}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_busy_cores_counts_a_busy_process():
+    """The sample sees a spinning child process as about one busy core (the machine's other work adds)."""
+    from prune_ext.cli import busy_cores
+
+    idle = busy_cores(0.3)
+    assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        assert busy_cores(0.5) >= 0.7
+    finally:
+        spin.kill()
+        spin.wait()
