@@ -77,6 +77,9 @@ main({argv!r})
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "bfloat16"), ("gpt2", "float16")])
 def test_half_precision_run_resumes_after_a_kill(folders, tmp_path, monkeypatch, arch, dtype):
+    # one thread everywhere, as in the killed worker: the CLI's thread policy would otherwise pick the idle
+    # cores for the in-process runs, and a half-precision GEMM split another way rounds differently
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
     args = argv(folders[arch], out, "--dtype", dtype, "--hparams", hp_file(tmp_path, HPARAMS))
     code = textwrap.dedent(WORKER.format(tests=str(HERE), cache=str(tmp_path / "cache"), argv=args))
