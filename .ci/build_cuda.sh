@@ -76,8 +76,9 @@ import os
 import torch
 
 import prune_ext
+from prune_ext import _C  # the package imports its submodules lazily
 
-so = prune_ext._C.__file__
+so = _C.__file__
 assert "/build/cuda-pkg/" in so, so
 assert prune_ext.WITH_CUDA, "WITH_CUDA is False in the CUDA build"
 for op in ("restrain_", "restrain_many_", "restrain_values", "factored_svd", "spectral_norm", "restrain_gesvdr_",
