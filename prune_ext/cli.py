@@ -194,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--base", required=True, help="the unedited Hugging Face folder")
     res.add_argument("--edited", required=True, help="the edited Hugging Face folder (same architecture)")
     res.add_argument("--out", required=True, help="the new folder (must not exist)")
-    res.add_argument("--restrain", choices=["log", "linear"], default="log", help="PRUNE's restraint function F")
+    res.add_argument("--restrain", choices=["log", "linear", "none"], default="log",
+                     help="PRUNE's restraint function F (none: only with --protect-energy)")
     res.add_argument("--alpha", type=float, default=1.2, help="α of the log restraint (> 1)")
     res.add_argument("--beta", type=float, default=2.0, help="β of the linear restraint (> 1)")
     res.add_argument("--modules", help="comma list of globs over weight names (default: every 2-D weight)")

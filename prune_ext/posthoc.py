@@ -33,6 +33,7 @@ from torch import nn
 
 from . import restraint
 from .io import write_json
+from .spectral import apply_dense, dominant_subspace
 
 __all__ = [
     "INDEX_NAME",
@@ -85,9 +86,13 @@ class MatrixReport:
         return out
 
 
-def _check_fn(fn: str, alpha: float, beta: float) -> None:
-    if fn not in ("log", "linear"):
-        raise PosthocError(f"restrain must be 'log' or 'linear', got {fn!r}")
+def _check_fn(fn: str, alpha: float, beta: float, protect_energy: float | None) -> None:
+    if fn not in ("log", "linear", "none"):
+        raise PosthocError(f"restrain must be 'log', 'linear' or 'none', got {fn!r}")
+    if fn == "none":
+        if protect_energy is None:
+            raise PosthocError("restrain='none' without protect_energy does nothing; give one or restrain='log'")
+        return
     try:
         restraint._fn_args(fn, alpha, beta)
     except (TypeError, ValueError) as exc:
@@ -131,25 +136,23 @@ def _restrain_matrix(
         raise PosthocError(f"{name}: σmax of the base weight is {sigma_w}; nothing to restrain against")
     delta_sigma = restraint.spectral_norm(delta)
     spec = _variant(fn, alpha, beta, variant or {})
-    if spec.protects:  # W's dominant subspace first (prune_ext.spectral), then F above c·σmax(W)
-        from .spectral import dominant_subspace, protect_dense
-
-        delta = protect_dense(delta, dominant_subspace(base_w, spec.protect_energy), spec.protect_damp)
-    _, info = restraint.restrain(delta, spec.threshold_scale * sigma_w, alpha, fn=fn, beta=beta, seed=seed,
-                                 return_info=True)
+    # W's dominant subspace first (prune_ext.spectral), then F above c·σmax(W)
+    sub = dominant_subspace(base_w, spec.protect_energy) if spec.protects else None  # type: ignore[arg-type]
+    info, delta = apply_dense(delta, sigma_w, spec, subspace=sub, seed=seed, return_info=True)
     kappa_before = restraint.condition_number(edited)
     if spec.protects:
         new, after = (base_w + delta).to(edited.dtype), restraint.spectral_norm(delta)
         kappa_after = restraint.condition_number(new)
-    elif info.restrained:  # F is increasing and F(σ) > σ_W ≥ every value left alone: σmax after is F(σ₁)
+    elif info is not None and info.restrained:
+        # F is increasing and F(σ) > t ≥ every value left alone: σmax after is F(σ₁)
         new, after = (base_w + delta).to(edited.dtype), float(info.sigma_after[0])
         kappa_after = restraint.condition_number(new)
     else:  # left bit-for-bit as it was
         new, after, kappa_after = edited, delta_sigma, kappa_before
     report = MatrixReport(
         name=name, shape=tuple(edited.shape), dtype=str(edited.dtype).removeprefix("torch."), sigma_w=sigma_w,
-        delta_sigma_max=delta_sigma, values_above=info.restrained, delta_sigma_max_after=after,
-        kappa_before=kappa_before, kappa_after=kappa_after, certified=info.certified,
+        delta_sigma_max=delta_sigma, values_above=info.restrained if info else 0, delta_sigma_max_after=after,
+        kappa_before=kappa_before, kappa_after=kappa_after, certified=info.certified if info else True,
     )
     return new, report
 
@@ -199,7 +202,7 @@ def restrain_model(
     :class:`prune_ext.spectral.Restraint` (F above ``threshold_scale`` · σmax(W_base); first damp ΔW's
     component in W_base's dominant singular subspaces); the defaults are PRUNE.
     """
-    _check_fn(restrain, alpha, beta)
+    _check_fn(restrain, alpha, beta, protect_energy)
     variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
     _variant(restrain, alpha, beta, variant)
     globs = _globs(modules)
@@ -371,7 +374,7 @@ def restrain_folder(
     an input or already there) raises :class:`PosthocError` and writes nothing. The spectral variants
     (``threshold_scale``, ``protect_energy``, ``protect_damp``) are those of :func:`restrain_model`.
     """
-    _check_fn(restrain, alpha, beta)
+    _check_fn(restrain, alpha, beta, protect_energy)
     variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
     _variant(restrain, alpha, beta, variant)
     globs = _globs(modules)

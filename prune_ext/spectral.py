@@ -267,17 +267,20 @@ def apply_factors(left: torch.Tensor, right: torch.Tensor, W_sigma_max: float, s
 
 
 def apply_dense(delta: torch.Tensor, W_sigma_max: float, spec: Restraint, *, subspace: Subspace | None = None,
-                W: torch.Tensor | None = None, seed: int | None = None) -> tuple[int, torch.Tensor]:
+                W: torch.Tensor | None = None, seed: int | None = None, return_info: bool = False
+                ) -> tuple[int, torch.Tensor] | tuple[restraint.RestrainInfo | None, torch.Tensor]:
     """``spec`` on a dense ΔW, in place where possible: (values above the threshold, new ΔW).
 
     Protection makes a new tensor; the restraint (:func:`prune_ext.restraint.restrain`, certified)
-    then works in place on it. With nothing to do ΔW is returned untouched.
+    then works in place on it. With nothing to do ΔW is returned untouched. With ``return_info``
+    the first item is the restraint's :class:`~prune_ext.restraint.RestrainInfo` (``None`` when
+    ``spec.fn`` is ``"none"``: protection alone is an exact projection, nothing to certify).
     """
     sub = _subspace_for(spec, subspace, W)
     if sub is not None:
         delta = protect_dense(delta, sub, spec.protect_damp)
     if spec.fn == "none":
-        return 0, delta
+        return (None if return_info else 0), delta
     t = spec.threshold_scale * W_sigma_max
     out, info = restraint.restrain(delta, t, spec.alpha, fn=spec.fn, beta=spec.beta, seed=seed, return_info=True)
-    return info.restrained, out
+    return (info if return_info else info.restrained), out

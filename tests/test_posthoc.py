@@ -87,6 +87,74 @@ def test_restrain_model_rejects_nan_and_leaves_the_model_alone(tok):
     assert torch.equal(sd[names[0]], before[names[0]])  # the first (valid) matrix was not written either
 
 
+def _dense_variant_reference(delta, W, *, fn, protect_energy=None, damp=1.0, scale=1.0):
+    """float64: protection by W's SVD projectors (the energy cut in a gap of W's spectrum), then F."""
+    d, W = delta.double(), W.double()
+    if protect_energy is not None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        r = int((torch.cumsum(S**2, 0) / (S**2).sum() < protect_energy).sum()) + 1
+        PU, PV = U[:, :r] @ U[:, :r].T, Vh[:r].T @ Vh[:r]
+        d = (torch.eye(d.shape[0], dtype=d.dtype) - damp * PU) @ d @ (torch.eye(d.shape[1], dtype=d.dtype) - damp * PV)
+    if fn == "none":
+        return d
+    return reference.restrain(d, scale * float(torch.linalg.matrix_norm(W, 2)), 1.2, fn=fn)
+
+
+@pytest.mark.parametrize(("fn", "variant"), [
+    ("none", {"protect_energy": 0.5, "protect_damp": 1.0}),
+    ("none", {"protect_energy": 0.8, "protect_damp": 0.6}),
+    ("log", {"protect_energy": 0.5, "protect_damp": 0.8}),
+    ("log", {"threshold_scale": 0.5}),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_variants_match_the_reference(fn, variant, dtype):
+    # W: 4 large values, 8 middle ones, a small tail (energy cuts at 0.5 and 0.8 fall in gaps)
+    g = torch.Generator().manual_seed(7)
+    s_w = torch.cat([torch.linspace(10, 9, 4), torch.linspace(4, 3, 8), 0.3 * torch.rand(36, generator=g)])
+    W = matrix_with_spectrum(48, 72, s_w.double().sort(descending=True).values, seed=1, dtype=dtype)
+    delta = _low_rank(48, 72, [30.0, 12.0, 6.0, 2.0], seed=2).to(dtype)
+    edited = {"w": W + delta}
+    kw = {"protect_damp": variant.get("protect_damp", 1.0), "protect_energy": variant.get("protect_energy"),
+          "threshold_scale": variant.get("threshold_scale", 1.0)}
+    (report,) = restrain_model({"w": W}, edited, restrain=fn, **kw)
+    ref = W.double() + _dense_variant_reference((W + delta).double() - W.double(), W, fn=fn,
+                                                protect_energy=kw["protect_energy"], damp=kw["protect_damp"],
+                                                scale=kw["threshold_scale"])
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert float((edited["w"].double() - ref).norm() / ref.norm()) < tol
+    assert edited["w"].dtype == dtype and report.certified
+    assert report.kappa_after == pytest.approx(float(torch.linalg.cond(edited["w"].double())), rel=1e-6)
+    if fn == "none":
+        assert report.values_above == 0
+    else:  # the values of the (protected) ΔW above the threshold
+        protected = _dense_variant_reference((W + delta).double() - W.double(), W, fn="none",
+                                             protect_energy=kw["protect_energy"], damp=kw["protect_damp"])
+        t = kw["threshold_scale"] * float(torch.linalg.svdvals(W.double())[0])
+        assert report.values_above == int((torch.linalg.svdvals(protected) > t).sum()) > 0
+
+
+def test_restrain_none_needs_protection(tok, tmp_path, capsys):
+    with pytest.raises(PosthocError, match="restrain='none' without protect_energy"):
+        restrain_model({"w": torch.eye(3)}, {"w": 2 * torch.eye(3)}, restrain="none")
+    base, edited, names, _ = _edited_pair(tok, "llama")
+    b, e = _save(base, tok, tmp_path / "b"), _save(edited, tok, tmp_path / "e")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["restrain", "--base", str(b), "--edited", str(e), "--out", str(tmp_path / "bad"),
+                 "--restrain", "none"]) == 2
+    assert "without protect_energy" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["restrain", "--base", str(b), "--edited", str(e), "--out", str(out), "--restrain", "none",
+                 "--protect-energy", "0.5", "--protect-damp", "0.8"]) == 0
+    written, original = _load_tensors(out), base.state_dict()
+    for name in names:  # the protected ΔW: smaller, and exactly (I − dP_U) ΔW (I − dP_V)
+        w, d = original[name].double(), edited.state_dict()[name].double() - original[name].double()
+        ref = w + _dense_variant_reference(d, w, fn="none", protect_energy=0.5, damp=0.8)
+        assert float((written[name].double() - ref).norm() / ref.norm()) < 1e-6
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["restrain"] == "none" and report["protect_energy"] == 0.5
+    assert [m["name"] for m in report["matrices"]] == names and all(m["values_above"] == 0 for m in report["matrices"])
+
+
 def _save(model, tok, folder: Path, **kw) -> Path:
     model.save_pretrained(folder, **kw)
     tok.save_pretrained(folder)
