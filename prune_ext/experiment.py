@@ -277,6 +277,17 @@ class _Trace:
             config_path = self.folder / "config.json"
             write_json(config_path, {**read_json(config_path), "added_after_edits": edits})
 
+    def record_threads(self, edits: int, threads: int) -> int | None:
+        """Note the CPU thread count a pass starts with (float summation order, hence the last bits of
+        every result, depends on it); returns the count the run used before, None for a new run."""
+        config_path = self.folder / "config.json"
+        config = read_json(config_path)
+        passes = config.get("threads", [])
+        before = passes[-1]["threads"] if passes else None
+        if before != threads:
+            write_json(config_path, {**config, "threads": [*passes, {"from_edits": edits, "threads": threads}]})
+        return before
+
     def complete(self) -> bool:
         results = self.folder / "results.json"
         return results.exists() and bool(read_json(results).get("final"))
@@ -294,7 +305,7 @@ class _Trace:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
              if f.default is not dataclasses.MISSING}
-_FOLDER_KEYS = ("variant", "added_after_edits")  # recorded by one folder, not settings of the run
+_FOLDER_KEYS = ("variant", "added_after_edits", "threads")  # recorded by one folder, not settings of the run
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -466,8 +477,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, log=print
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    threads = torch.get_num_threads()
+    used_before = [trace.record_threads(session.edits_done, threads) for trace in traces][0]
     if resume:
         log(f"resuming {out} after {session.edits_done} edits")
+        if used_before is not None and used_before != threads:
+            log(f"note: this pass runs on {threads} CPU thread(s), the run so far on {used_before}: its results "
+                "equal an uninterrupted run's only to rounding (summation order), not bit for bit")
         for trace in traces:
             trace.record_start(session.edits_done)
         if session.finished and session.edits_done < len(requests):

@@ -272,6 +272,17 @@ def test_a_run_extended_to_more_edits_equals_the_longer_run(model_dir, tmp_path)
                                   num_edits=2), **QUIET)
 
 
+def test_config_records_the_thread_count_of_each_pass(model_dir, tmp_path):
+    out, said = tmp_path / "run", []
+    run_experiment(config_for(model_dir, out, num_edits=2), **QUIET)
+    assert json.loads((out / "config.json").read_text())["threads"] == [{"from_edits": 0, "threads": 1}]
+    torch.set_num_threads(2)  # (the fixture restores it)
+    run_experiment(config_for(model_dir, out, num_edits=4), progress=False, log=said.append)
+    assert json.loads((out / "config.json").read_text())["threads"] == [
+        {"from_edits": 0, "threads": 1}, {"from_edits": 2, "threads": 2}]
+    assert any("2 CPU thread(s), the run so far on 1" in line for line in said), said
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
