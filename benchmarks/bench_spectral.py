@@ -6,7 +6,9 @@ Per shape: W with a flat spectrum like SmolLM2's MLP down-projections (a few lar
 falling bulk: σ_i = 9 (1 − i/2k) + 15/(1 + i/3), k = min(m, n)), ΔW = A Bᵀ of rank ``--rank``
 with values around σmax(W). Reported, in milliseconds (median of ``--repeat`` calls):
 
-* ``subspace``: W's top subspaces for energy 0.5 (one float64 SVD of W; once per matrix, cached);
+* ``subspace``: W's top subspaces for energy 0.5 (dominant_subspace: float64 Gram eigendecomposition
+  with its certificate; once per matrix, cached);
+* ``W's SVD``: the baseline for it, one float64 SVD of W (what dominant_subspace did until 2026-12-04);
 * ``prune``: PRUNE on the factors (restrain_factors), the reference point of the family;
 * ``scale=0.5``: F above 0.5·σmax(W);
 * ``protect``: protection (e = 0.5, d = 1) alone, the subspace cached;
@@ -48,6 +50,7 @@ def bench(m: int, n: int, rank: int, repeat: int, dense_repeat: int) -> dict[str
     B = torch.randn(n, rank, generator=g)
     out: dict[str, float] = {}
     out["subspace"] = _timed(lambda: dominant_subspace(W, 0.5), 1)
+    out["W's SVD"] = _timed(lambda: torch.linalg.svd(W.double(), full_matrices=False), 1)
     sub = dominant_subspace(W, 0.5)
     out["protected rank"] = sub.rank
     specs = {"prune": Restraint(), "scale=0.5": Restraint(threshold_scale=0.5),
@@ -66,7 +69,7 @@ def main() -> None:
     ap.add_argument("--dense-repeat", type=int, default=1)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), rank {args.rank}; milliseconds per call")
-    cols = ["subspace", "prune", "scale=0.5", "protect", "protect+prune", "dense f64 SVD"]
+    cols = ["subspace", "W's SVD", "prune", "scale=0.5", "protect", "protect+prune", "dense f64 SVD"]
     print(f"| shape | protected rank (e=0.5) | {' | '.join(cols)} |")
     print("|---|---|" + "---|" * len(cols))
     for shape in args.shapes.split(","):

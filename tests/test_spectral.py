@@ -137,6 +137,28 @@ def test_subspace_of_a_low_precision_w_is_that_of_w_as_stored(dtype):
     assert sub.captured >= energy and sub.sigma_r > sub.sigma_next
 
 
+@pytest.mark.parametrize(("m", "n"), [(48, 72), (72, 48), (40, 40)])
+def test_subspace_certificate_bounds_the_true_angle(m, n):
+    W, s = _w_with_gapped_spectrum(m, n, seed=11)
+    for r in (1, 5, 12):
+        sub = dominant_subspace(W, _energy_between_steps(s, r))
+        PU, PV, r_ref = _reference_projectors(W.double(), sub.energy)
+        assert sub.rank == r_ref == r
+        # both sides orthonormal, and within the certified angle of the exact subspaces
+        for basis, P in ((sub.left, PU), (sub.right, PV)):
+            torch.testing.assert_close(basis.T @ basis, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0)
+            sin = float(torch.linalg.matrix_norm(basis @ basis.T - P, 2))
+            assert sin <= sub.angle_bound + 1e-13 and sub.angle_bound < 1e-9
+        assert sub.sigma_r == pytest.approx(float(torch.linalg.svdvals(W.double())[r - 1]), rel=1e-12)
+
+
+def test_subspace_certificate_is_void_when_the_cut_splits_equal_values():
+    s = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    W = matrix_with_spectrum(30, 20, s, seed=4, dtype=torch.float64)
+    sub = dominant_subspace(W, float((s[:2] ** 2).sum() / (s**2).sum()))  # r = 2: inside the 3-fold value
+    assert sub.rank == 2 and sub.angle_bound == 1.0 and sub.sigma_r == pytest.approx(sub.sigma_next)
+
+
 def test_energy_rank_by_hand():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
     assert energy_rank(s, 9 / 14) == 1
