@@ -67,6 +67,26 @@ C10_HOST_DEVICE inline double jacobi_rotation(double alpha, double beta, double 
   return off;
 }
 
+// Entry r of the sums a rotation needs: alpha += w_p[r]², beta += w_q[r]², gamma += w_p[r] w_q[r] (each
+// kernel strides r over its threads and reduces the partial sums its own way).
+C10_HOST_DEVICE inline void jacobi_accumulate(const double* wp, const double* wq, int64_t r, double* alpha,
+                                              double* beta, double* gamma) {
+  *alpha += wp[r] * wp[r];
+  *beta += wq[r] * wq[r];
+  *gamma += wp[r] * wq[r];
+}
+
+// Entry r of the rotation by (c, s) of columns p, q of W and of the accumulated V (stored as rows of Vᵀ).
+C10_HOST_DEVICE inline void jacobi_rotate(double* wp, double* wq, double* vp, double* vq, int64_t r, double c,
+                                          double s) {
+  const double a = wp[r], b = wq[r];
+  wp[r] = c * a - s * b;
+  wq[r] = s * a + c * b;
+  const double x = vp[r], y = vq[r];
+  vp[r] = c * x - s * y;
+  vq[r] = s * x + c * y;
+}
+
 // Position of value j in descending order of sig[0..l) (ties by index): the permutation that sorts,
 // computed per entry (one thread per entry on a GPU).
 C10_HOST_DEVICE inline int64_t descending_rank(const double* sig, int64_t l, int64_t j) {

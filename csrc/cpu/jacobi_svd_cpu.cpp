@@ -35,24 +35,13 @@ int jacobi_one(double* W, double* Vt, int64_t l, int64_t sweeps) {
         double* wp = W + p * l;
         double* wq = W + q * l;
         double alpha = 0, beta = 0, gamma = 0;
-        for (int64_t r = 0; r < l; ++r) {
-          alpha += wp[r] * wp[r];
-          beta += wq[r] * wq[r];
-          gamma += wp[r] * wq[r];
-        }
+        for (int64_t r = 0; r < l; ++r) jacobi_accumulate(wp, wq, r, &alpha, &beta, &gamma);
         double c, s;
         off = std::max(off, jacobi_rotation(alpha, beta, gamma, tol, norm, &c, &s));
         if (s == 0) continue;
         double* vp = Vt + p * l;
         double* vq = Vt + q * l;
-        for (int64_t r = 0; r < l; ++r) {
-          const double a = wp[r], b = wq[r];
-          wp[r] = c * a - s * b;
-          wq[r] = s * a + c * b;
-          const double x = vp[r], y = vq[r];
-          vp[r] = c * x - s * y;
-          vq[r] = s * x + c * y;
-        }
+        for (int64_t r = 0; r < l; ++r) jacobi_rotate(wp, wq, vp, vq, r, c, s);
       }
     }
     if (!(off > tol)) return 0;

@@ -70,11 +70,7 @@ __global__ void jacobi_svd_kernel(double* __restrict__ W_all, double* __restrict
         double* wp = W + p * l;
         double* wq = W + q * l;
         double alpha = 0, beta = 0, gamma = 0;
-        for (int64_t r = lane; r < l; r += kWarp) {
-          alpha += wp[r] * wp[r];
-          beta += wq[r] * wq[r];
-          gamma += wp[r] * wq[r];
-        }
+        for (int64_t r = lane; r < l; r += kWarp) jacobi_accumulate(wp, wq, r, &alpha, &beta, &gamma);
         alpha = warp_sum(alpha);
         beta = warp_sum(beta);
         gamma = warp_sum(gamma);
@@ -83,14 +79,7 @@ __global__ void jacobi_svd_kernel(double* __restrict__ W_all, double* __restrict
         if (s == 0) continue;  // warp-uniform: every lane holds the same sums
         double* vp = Vt + p * l;
         double* vq = Vt + q * l;
-        for (int64_t r = lane; r < l; r += kWarp) {
-          const double a = wp[r], bq = wq[r];
-          wp[r] = c * a - s * bq;
-          wq[r] = s * a + c * bq;
-          const double x = vp[r], y = vq[r];
-          vp[r] = c * x - s * y;
-          vq[r] = s * x + c * y;
-        }
+        for (int64_t r = lane; r < l; r += kWarp) jacobi_rotate(wp, wq, vp, vq, r, c, s);
       }
       __syncthreads();  // the next round's pairs read columns this one wrote
     }
