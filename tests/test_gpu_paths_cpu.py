@@ -11,6 +11,7 @@ import torch
 from conftest import matrix_with_spectrum, spectrum
 
 import prune_ext
+import prune_ext.ops  # noqa: F401  (loads _C, which registers torch.ops.prune_ext)
 from prune_ext import reference
 
 ops = torch.ops.prune_ext

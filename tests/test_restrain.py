@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prune_ext
+import prune_ext.ops  # noqa: F401  (loads _C, which registers torch.ops.prune_ext)
 from prune_ext import reference
 from prune_ext.bench import make_update
 
