@@ -10,7 +10,7 @@
 # report to docs/lifelong/ (ROME's to docs/lifelong/rome/). `field` is the MEMIT+MPES pass with checkpoints
 # at 0/500/1000 that also writes the spectral variants restrained once (docs/restraints.md: a relative
 # threshold 0.5·σmax(W); protection of W's top subspaces holding half its energy, damped by 0.8, alone and
-# before PRUNE); `field-every` runs those variants every 100 edits (one pass each). Resuming `field` with
+# before PRUNE); `field-alphaedit` is AlphaEdit ± PRUNE on the same stream and checkpoints; `field-every` runs those variants every 100 edits (one pass each). Resuming `field` with
 # variants added mid-run starts their rows at the resumed point.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,13 +26,16 @@ ROME_RUNS=(lifelong-rome lifelong-rome-prune lifelong-rome-every10)
 FIELD=(--num-edits "${NUM_EDITS:-1000}" --batch-size 100 --mpes --eval-every 500 --editor memit)
 VARIANTS=(scale05=scale=0.5 protect50=restrain=none,protect=0.5,damp=0.8 protect50-prune=protect=0.5,damp=0.8)
 FIELD_RUNS=(field-memit field-memit-prune "${VARIANTS[@]/#/field-memit-}")
-FIELD_RUNS=("${FIELD_RUNS[@]%%=*}")
+FIELD_RUNS=("${FIELD_RUNS[@]%%=*}" field-alphaedit field-alphaedit-prune)
+FIELD_ALPHAEDIT=("${FIELD[@]/#memit/alphaedit}")
 case "${1:-all}" in
   alphaedit) pass "${BATCHES[@]}" --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
   memit)     pass "${BATCHES[@]}" --editor memit --out runs/lifelong-memit-prune --unrestrained-out runs/lifelong-memit ;;
   # the paper's own setting (its Table 6 scale): ROME single edits to 500
   rome)       pass "${SINGLE[@]}" --editor rome --out runs/lifelong-rome-prune --unrestrained-out runs/lifelong-rome ;;
   rome-every) pass "${SINGLE[@]}" --editor rome --every 10 --out runs/lifelong-rome-every10 ;;
+  field-alphaedit)  # the same stream and checkpoints as `field`, AlphaEdit ± PRUNE
+    pass "${FIELD_ALPHAEDIT[@]}" --out runs/field-alphaedit-prune --unrestrained-out runs/field-alphaedit ;;
   field) pass "${FIELD[@]}" --out runs/field-memit-prune --unrestrained-out runs/field-memit \
            "${VARIANTS[@]/#/--variant-out=runs/field-memit-}" ;;
   field-every)
@@ -48,5 +51,5 @@ case "${1:-all}" in
     report_records docs/lifelong docs/lifelong/runs "${BATCHED_RUNS[@]}"
     report_records docs/lifelong/rome docs/lifelong/runs "${ROME_RUNS[@]}" ;;
   all) for p in alphaedit memit report; do "$0" "$p"; done ;;
-  *) echo "usage: $0 [alphaedit|memit|rome|rome-every|field|field-every|field-report|report|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [alphaedit|memit|rome|rome-every|field|field-alphaedit|field-every|field-report|report|all]" >&2; exit 2 ;;
 esac
