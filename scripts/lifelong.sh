@@ -26,7 +26,8 @@ ROME_RUNS=(lifelong-rome lifelong-rome-prune lifelong-rome-every10)
 FIELD=(--num-edits "${NUM_EDITS:-1000}" --batch-size 100 --mpes --eval-every 500 --editor memit)
 VARIANTS=(scale05=scale=0.5 protect50=restrain=none,protect=0.5,damp=0.8 protect50-prune=protect=0.5,damp=0.8)
 FIELD_RUNS=(field-memit field-memit-prune "${VARIANTS[@]/#/field-memit-}")
-FIELD_RUNS=("${FIELD_RUNS[@]%%=*}" field-alphaedit field-alphaedit-prune)
+FIELD_RUNS=("${FIELD_RUNS[@]%%=*}")
+FIELD_ALPHAEDIT_RUNS=(field-memit field-alphaedit field-alphaedit-prune)  # with MEMIT's for the editors' pair
 FIELD_ALPHAEDIT=("${FIELD[@]/#memit/alphaedit}")
 case "${1:-all}" in
   alphaedit) pass "${BATCHES[@]}" --editor alphaedit --out runs/lifelong-alphaedit-prune --unrestrained-out runs/lifelong-alphaedit ;;
@@ -43,7 +44,9 @@ case "${1:-all}" in
     pass "${FIELD[@]}" --every 100 --restrain none --protect-energy 0.5 --protect-damp 0.8 \
       --out runs/field-memit-protect50-every100 ;;
   field-report)
-    copy_records docs/lifelong/runs "${FIELD_RUNS[@]}" field-memit-scale05-every100 field-memit-protect50-every100
+    copy_records docs/lifelong/runs "${FIELD_RUNS[@]}" "${FIELD_ALPHAEDIT_RUNS[@]:1}" field-memit-scale05-every100 \
+      field-memit-protect50-every100
+    report_records docs/lifelong/field/alphaedit docs/lifelong/runs "${FIELD_ALPHAEDIT_RUNS[@]}"
     report_records docs/lifelong/field docs/lifelong/runs "${FIELD_RUNS[@]}" field-memit-scale05-every100 \
       field-memit-protect50-every100 ;;
   report)
