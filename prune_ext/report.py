@@ -223,7 +223,10 @@ def write_report(folders: list[str | Path], out: str | Path) -> list[Path]:
     text = summary_table(runs)
     reading = reading_lines(runs)
     if reading:
-        text += "\nReading (final checkpoints; where both runs hold per-item outcomes of the same items, a paired "\
+        same_end = len({run["rows"][-1]["edits"] for run in runs}) == 1
+        where = "final checkpoints" if same_end else \
+            "each pair at the last checkpoint both runs reached, named where it is not both runs' final one"
+        text += f"\nReading ({where}; where both runs hold per-item outcomes of the same items, a paired "\
                 "test: the difference b − a with its 95 % paired-bootstrap interval and p — McNemar's exact test for "\
                 "0/1 outcomes, else a sign-flip permutation test — 'real' when p < 0.05, not corrected for the "\
                 "number of comparisons; else whether two 95 % intervals overlap, a conservative check):\n\n" \
@@ -307,12 +310,15 @@ def _pairs(runs: list[Run]) -> list[tuple[int, int]]:
     return [(i, j) for i, j in pairs if i in refs or j in refs]
 
 
-def _common_rows(a: Run, b: Run) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The two runs' rows at the last checkpoint both reached, if both hold per-edit outcomes there."""
-    rows_a = {r["edits"]: r for r in a["rows"] if r.get("per_edit")}
-    rows_b = {r["edits"]: r for r in b["rows"] if r.get("per_edit")}
-    common = sorted(set(rows_a) & set(rows_b))
-    return (rows_a[common[-1]], rows_b[common[-1]]) if common else None
+def _compared_rows(a: Run, b: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two runs' rows at the last checkpoint both reached (their final rows when they share none):
+    two runs of one pass, or of one edit stream stopped at different points, compare on the same edits."""
+    rows_a = {r["edits"]: r for r in a["rows"]}
+    rows_b = {r["edits"]: r for r in b["rows"]}
+    common = set(rows_a) & set(rows_b)
+    if not common:
+        return a["rows"][-1], b["rows"][-1]
+    return rows_a[max(common)], rows_b[max(common)]
 
 
 _TASK_SAMPLE = ("seed", "limit", "task_data", "corpus")  # what decides which task examples are scored
@@ -322,51 +328,52 @@ def _values(values: list[Any]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-def _paired_test(a: Run, b: Run, metric: str) -> dict[str, Any] | None:
-    """The paired test of one metric between two runs, or None where they hold no paired outcomes."""
+def _paired_test(a: Run, b: Run, ra: dict[str, Any], rb: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """The paired test of one metric between rows ``ra`` of run ``a`` and ``rb`` of run ``b``, or None
+    where they hold no paired outcomes of the same items."""
     from .evaluation.intervals import paired_difference, paired_perplexity
 
-    pair = _common_rows(a, b)
     per_metric = metric in EDIT_METRICS or metric in LIVE_METRICS or metric.endswith("_prob")
     if per_metric:
-        if pair is None:
-            return None
-        pa, pb = pair[0]["per_edit"], pair[1]["per_edit"]
-        if pa.get("ids") != pb.get("ids") or metric not in pa or metric not in pb:
+        pa, pb = ra.get("per_edit"), rb.get("per_edit")
+        if not pa or not pb or pa.get("ids") != pb.get("ids") or metric not in pa or metric not in pb:
             return None
         result = paired_difference(_values(pa[metric]), _values(pb[metric]))
-        return {**result, "edits": pair[0]["edits"], "items": "edits"}
-    ra, rb = a["rows"][-1], b["rows"][-1]
+        return {**result, "edits": ra["edits"], "items": "edits"}
     ia, ib = (ra.get("per_item") or {}).get(metric), (rb.get("per_item") or {}).get(metric)
     if ia is None or ib is None or any(a["config"].get(k) != b["config"].get(k) for k in _TASK_SAMPLE):
         return None
+    # the checkpoint is named only where it is not simply both runs' last (as for edits, always)
+    at = {} if (ra is a["rows"][-1] and rb is b["rows"][-1]) else {"edits": ra["edits"]}
     if "logprob" in ia and "logprob" in ib:
         if ia["tokens"] != ib["tokens"]:  # not the same passages
             return None
         result = paired_perplexity(ia["logprob"], ib["logprob"], ia["tokens"])
-        return {**result, "items": "texts"}
+        return {**result, "items": "texts", **at}
     if len(ia.get("value", [])) != len(ib.get("value", [])):
         return None
-    return {**paired_difference(_values(ia["value"]), _values(ib["value"])), "items": "examples"}
+    return {**paired_difference(_values(ia["value"]), _values(ib["value"])), "items": "examples", **at}
 
 
 def _comparisons(runs: list[Run]) -> list[dict[str, Any]]:
-    """Per compared pair of runs and metric: the paired test where both hold per-item outcomes of the
-    same items, else whether the final checkpoints' intervals overlap (``paired`` None)."""
+    """Per compared pair of runs and metric, at the last checkpoint both reached: the paired test where
+    both hold per-item outcomes of the same items, else whether the intervals overlap (``paired`` None)."""
     labels = _labels(runs)
     metrics = _metrics(runs)
     probs = [f"{m}_prob" for m in EDIT_METRICS if any(r.get("per_edit") for run in runs for r in run["rows"])]
     out = []
     for i, j in _pairs(runs):
+        ra, rb = _compared_rows(runs[i], runs[j])
         for metric in [*metrics, *probs]:
-            a_mean, a_int, _ = _score(runs[i]["rows"][-1], metric)
-            b_mean, b_int, _ = _score(runs[j]["rows"][-1], metric)
-            paired = _paired_test(runs[i], runs[j], metric)
+            a_mean, a_int, _ = _score(ra, metric)
+            b_mean, b_int, _ = _score(rb, metric)
+            paired = _paired_test(runs[i], runs[j], ra, rb, metric)
             if paired is None and (a_int is None or b_int is None):
                 continue
             overlap = None if a_int is None or b_int is None else a_int[0] <= b_int[1] and b_int[0] <= a_int[1]
+            at = None if (ra is runs[i]["rows"][-1] and rb is runs[j]["rows"][-1]) else ra["edits"]
             out.append({"a": labels[i], "b": labels[j], "metric": metric, "overlap": overlap, "paired": paired,
-                        "a_mean": a_mean, "a_interval": a_int, "b_mean": b_mean, "b_interval": b_int})
+                        "a_mean": a_mean, "a_interval": a_int, "b_mean": b_mean, "b_interval": b_int, "at": at})
     return out
 
 
@@ -403,7 +410,8 @@ def reading_lines(runs: list[Run]) -> list[str]:
             verdict = "intervals overlap (within noise)"
         else:
             verdict = f"intervals do not overlap ({c['a'] if c['a_mean'] > c['b_mean'] else c['b']} higher)"
-        lines.append(f"- {c['metric']}: {c['a']} {_fmt_score(c['a_mean'], c['a_interval'])} vs {c['b']} "
+        at = "" if c["at"] is None else f" (at {c['at']} edits)"
+        lines.append(f"- {c['metric']}{at}: {c['a']} {_fmt_score(c['a_mean'], c['a_interval'])} vs {c['b']} "
                      f"{_fmt_score(c['b_mean'], c['b_interval'])}: {verdict} (no per-item outcomes of the same "
                      f"items in both traces: interval overlap, not a paired test)")
     return lines

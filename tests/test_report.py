@@ -204,3 +204,30 @@ def test_many_runs_are_compared_against_the_references(tmp_path):
     pairs = {(c["a"], c["b"]) for c in report._comparisons(runs)}
     labels = report._labels(runs)
     assert (labels[2], labels[3]) not in pairs and len(pairs) == 5  # 6 pairs less variant vs variant
+
+
+def test_runs_stopped_at_different_points_compare_where_both_were(tmp_path):
+    """One edit stream, two runs: one at 80 edits, one stopped at 40. Every reading is at 40 edits,
+    the scores shown too, and the perplexity pairs the texts of those two checkpoints."""
+    from prune_ext.evaluation.intervals import paired_perplexity
+
+    a40 = _paired_row(40, [1] * 30 + [0] * 10, [0.6] * 40, [-20.0] * 40)
+    a80 = _paired_row(80, [1] * 10 + [0] * 30, [0.3] * 40, [-30.0] * 40, final=True)  # other values at 80
+    b40 = _paired_row(40, [1] * 20 + [0] * 20, [0.5] * 40, [-22.0] * 40, final=True)
+    a = _run(tmp_path / "a", [a40, a80], restrain="none")
+    b = _run(tmp_path / "b", [b40], editor="memit", restrain="none")
+    runs = [report.load_run(a), report.load_run(b)]
+    lines = report.reading_lines(runs)
+    eff = next(line for line in lines if line.startswith("- efficacy (paired"))
+    assert "40 edits at 40 edits" in eff and "0.750 [0.00, 1.00] vs 0.500" in eff and "-0.250" in eff
+    ppl = next(line for line in lines if line.startswith("- perplexity (paired"))
+    want = paired_perplexity([-20.0] * 40, [-22.0] * 40, [10] * 40)
+    assert "40 texts at 40 edits" in ppl and f"b/a = {want['ratio']:.3f}" in ppl
+    # without per-item outcomes: the interval reading, at that checkpoint too, and saying so
+    for row in (a40, a80, b40):
+        row.pop("per_edit"), row.pop("per_item")
+    a2, b2 = _run(tmp_path / "a2", [a40, a80], restrain="none"), _run(tmp_path / "b2", [b40], editor="memit")
+    lines = report.reading_lines([report.load_run(a2), report.load_run(b2)])
+    assert any(line.startswith("- efficacy (at 40 edits): ") and "0.750" in line for line in lines)
+    report.write_report([a, b], tmp_path / "out")
+    assert "each pair at the last checkpoint both runs reached" in (tmp_path / "out" / "summary.md").read_text()
