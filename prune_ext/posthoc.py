@@ -33,7 +33,7 @@ from torch import nn
 
 from . import restraint
 from .io import write_json
-from .spectral import apply_dense, dominant_subspace
+from .spectral import Restraint, apply_dense, dominant_subspace
 
 __all__ = [
     "INDEX_NAME",
@@ -86,19 +86,6 @@ class MatrixReport:
         return out
 
 
-def _check_fn(fn: str, alpha: float, beta: float, protect_energy: float | None) -> None:
-    if fn not in ("log", "linear", "none"):
-        raise PosthocError(f"restrain must be 'log', 'linear' or 'none', got {fn!r}")
-    if fn == "none":
-        if protect_energy is None:
-            raise PosthocError("restrain='none' without protect_energy does nothing; give one or restrain='log'")
-        return
-    try:
-        restraint._fn_args(fn, alpha, beta)
-    except (TypeError, ValueError) as exc:
-        raise PosthocError(str(exc)) from None
-
-
 def _globs(modules: str | Sequence[str] | None) -> list[str] | None:
     if modules is None:
         return None
@@ -111,19 +98,19 @@ def _selected(name: str, globs: list[str] | None) -> bool:
     return globs is None or any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def _variant(fn: str, alpha: float, beta: float, variant: Mapping[str, Any]) -> Any:
-    """The restraint with its spectral variant (threshold_scale, protect_energy, protect_damp), checked."""
-    from .spectral import Restraint
-
+def _restraint(fn: str, alpha: float, beta: float, variant: Mapping[str, Any]) -> Restraint:
+    """The restraint with its spectral variant (threshold_scale, protect_energy, protect_damp), checked once."""
     try:
-        return Restraint(fn, alpha, beta, **variant)  # type: ignore[arg-type]
+        spec = Restraint(fn, alpha, beta, **variant)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise PosthocError(str(exc)) from None
+    if not spec.active:
+        raise PosthocError("restrain='none' without protect_energy does nothing; give one or restrain='log'")
+    return spec
 
 
 def _restrain_matrix(
-    name: str, edited: torch.Tensor, base: torch.Tensor, *, fn: str, alpha: float, beta: float, seed: int | None,
-    variant: Mapping[str, Any] | None = None,
+    name: str, edited: torch.Tensor, base: torch.Tensor, spec: Restraint, *, seed: int | None,
 ) -> tuple[torch.Tensor, MatrixReport]:
     """(restrained weight in ``edited``'s dtype, report) for one differing 2-D weight."""
     work = torch.float64 if torch.float64 in (edited.dtype, base.dtype) else torch.float32
@@ -135,7 +122,6 @@ def _restrain_matrix(
     if not (sigma_w > 0 and math.isfinite(sigma_w)):
         raise PosthocError(f"{name}: σmax of the base weight is {sigma_w}; nothing to restrain against")
     delta_sigma = restraint.spectral_norm(delta)
-    spec = _variant(fn, alpha, beta, variant or {})
     # W's dominant subspace first (prune_ext.spectral), then F above c·σmax(W)
     sub = dominant_subspace(base_w, spec.protect_energy) if spec.protects else None  # type: ignore[arg-type]
     info, delta = apply_dense(delta, sigma_w, spec, subspace=sub, seed=seed, return_info=True)
@@ -202,9 +188,8 @@ def restrain_model(
     :class:`prune_ext.spectral.Restraint` (F above ``threshold_scale`` · σmax(W_base); first damp ΔW's
     component in W_base's dominant singular subspaces); the defaults are PRUNE.
     """
-    _check_fn(restrain, alpha, beta, protect_energy)
     variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
-    _variant(restrain, alpha, beta, variant)
+    spec = _restraint(restrain, alpha, beta, variant)
     globs = _globs(modules)
     ed, bs = _tensors(edited, "edited"), _tensors(base, "base")
     _check_same_layout({k: (str(v.dtype), tuple(v.shape)) for k, v in ed.items()},
@@ -221,8 +206,7 @@ def restrain_model(
         raise PosthocError(f"--modules {','.join(globs)} matches no 2-D weight")
     results = []
     for name in todo:  # all results first, so that a NaN found late leaves the model untouched
-        results.append(_restrain_matrix(name, ed[name], bs[name].to(ed[name].device), fn=restrain, alpha=alpha,
-                                        beta=beta, seed=seed, variant=variant))
+        results.append(_restrain_matrix(name, ed[name], bs[name].to(ed[name].device), spec, seed=seed))
     with torch.no_grad():
         for name, (new, _) in zip(todo, results):
             if new is not ed[name]:
@@ -374,9 +358,8 @@ def restrain_folder(
     an input or already there) raises :class:`PosthocError` and writes nothing. The spectral variants
     (``threshold_scale``, ``protect_energy``, ``protect_damp``) are those of :func:`restrain_model`.
     """
-    _check_fn(restrain, alpha, beta, protect_energy)
     variant = {"threshold_scale": threshold_scale, "protect_energy": protect_energy, "protect_damp": protect_damp}
-    _variant(restrain, alpha, beta, variant)
+    spec = _restraint(restrain, alpha, beta, variant)
     globs = _globs(modules)
     out_path = Path(out)
     b, e = _Checkpoint(base, "base"), _Checkpoint(edited, "edited")
@@ -415,8 +398,7 @@ def restrain_folder(
                 w_edit, w_base = e.tensor(name), b.tensor(name)
                 if torch.equal(w_edit, w_base):  # other bytes, same values (-0.0 and 0.0)
                     continue
-                new, report = _restrain_matrix(name, w_edit, w_base, fn=restrain, alpha=alpha, beta=beta, seed=seed,
-                                               variant=variant)
+                new, report = _restrain_matrix(name, w_edit, w_base, spec, seed=seed)
                 reports.append(report)
                 say(_row(report))
                 if new is not w_edit:
