@@ -200,7 +200,8 @@ def dominant_subspace(W: torch.Tensor, energy: float) -> Subspace:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     W = restraint._as_matrix(W, "W")
     W64 = W.detach().to(torch.float64)
-    X = W64.T if W64.shape[0] > W64.shape[1] else W64  # k × N
+    tall = W64.shape[0] > W64.shape[1]
+    X = W64.T if tall else W64  # k × N: G is on W's shorter side
     k = X.shape[0]
     G = X @ X.T
     lam, Q = torch.linalg.eigh(G)  # ascending
@@ -216,7 +217,7 @@ def dominant_subspace(W: torch.Tensor, energy: float) -> Subspace:
         gap = float(lam[r - 1]) - (float(lam[r]) if r < k else 0.0) - backward - residual
         sin = (residual + backward) / gap if gap > 0 else 1.0
         angle = sin / math.sqrt(1 - sin * sin) if sin < 0.5 else 1.0  # tan θ ≥ sin θ covers both sides
-    left, right = (far, near) if X is not W64 else (near, far)
+    left, right = (far, near) if tall else (near, far)
     return Subspace(left=left, right=right, energy=float(energy),
                     captured=float(lam[:r].sum()) / total if total else 1.0,
                     sigma_r=float(lam[r - 1].sqrt()) if r else 0.0,
